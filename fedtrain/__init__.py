@@ -1,0 +1,1 @@
+"""fedtrain: federated learning simulation on JAX."""

@@ -1,0 +1,1 @@
+"""Standard federated datasets."""

@@ -1,0 +1,1 @@
+"""Flax nnx models of the standard federated tasks."""
