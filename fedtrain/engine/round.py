@@ -1,0 +1,151 @@
+"""The compiled round: local training of a whole cohort, aggregation and server update
+in one XLA program.
+
+Each lane walks its packed steps with a ``fori_loop`` whose trip count is the
+number of steps actually used (a ``while`` loop on device), so the fixed-size
+buffer never costs compute. At a client's first step the algorithm's
+``client_init`` runs; at its last step ``client_final`` runs and its update is
+added to the aggregator's running sum. Lanes run one after another (``scan``
+backend, one lane) or side by side under ``vmap``; lane sums are added at the
+end, so every backend computes the same sums.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedtrain.algorithms.base import Algorithm
+from fedtrain.models.adapter import MASK_KEY, Model
+
+PyTree = Any
+
+
+class RoundOutput(NamedTuple):
+    server_state: PyTree
+    metric_sums: dict[str, tuple[jax.Array, jax.Array]]  # summed over the cohort
+    client_metrics: dict[str, jax.Array]  # [L, S] per slot
+    client_states: PyTree  # [L, S, ...] or None
+    extras: dict[str, jax.Array]  # scalars: update_norm, aggregator and server metrics
+
+
+def _tree_zeros(shapes: PyTree) -> PyTree:
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def _tree_add(a: PyTree, b: PyTree) -> PyTree:
+    return jax.tree.map(jnp.add, a, b)
+
+
+def _index(tree: PyTree, i) -> PyTree:
+    return jax.tree.map(lambda x: x[i], tree)
+
+
+def _set(tree: PyTree, i, value: PyTree) -> PyTree:
+    return jax.tree.map(lambda buf, v: buf.at[i].set(v.astype(buf.dtype)), tree, value)
+
+
+def client_keys(round_key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Keys for client training, per-client aggregation, and the server, from a round's key."""
+    train_key, contrib_key, server_key = jax.random.split(round_key, 3)
+    return train_key, contrib_key, server_key
+
+
+def make_lane_fn(model: Model, algorithm: Algorithm):
+    """``lane(broadcast, batch_lane, client_states_lane, keys) -> (contribution_sum, per_slot)``."""
+
+    def lane(broadcast, features, mask, slot, first, last, num_steps, weights, positions, cstates, train_key,
+             contrib_key):
+        def state_at(s):
+            return None if cstates is None else _index(cstates, s)
+
+        def init_at(s):
+            return algorithm.client_init(model, broadcast, state_at(s), jax.random.fold_in(train_key, positions[s]))
+
+        def batch_at(i):
+            batch = {k: v[i] for k, v in features.items()}
+            batch[MASK_KEY] = mask[i]
+            return batch
+
+        local0 = init_at(0)
+        step_sums_shape = jax.eval_shape(lambda l: algorithm.client_step(model, l, batch_at(0))[1], local0)
+        out_shape = jax.eval_shape(lambda l: algorithm.client_final(model, broadcast, l, weights[0]), local0)
+        contrib_shape = jax.eval_shape(
+            lambda o: algorithm.aggregator.contribution(o.update, o.weight, contrib_key), out_shape)
+        num_slots = weights.shape[0]
+        per_slot0 = {
+            "metric_sums": jax.tree.map(lambda s: jnp.zeros((num_slots,), s.dtype), step_sums_shape),
+            "update_norm": jnp.zeros((num_slots,), jnp.float32),
+            "extras": jax.tree.map(lambda s: jnp.zeros((num_slots,) + s.shape, s.dtype), out_shape.metrics),
+            "client_states": cstates,
+        }
+        carry0 = (local0, _tree_zeros(step_sums_shape), _tree_zeros(contrib_shape), per_slot0)
+
+        def body(i, carry):
+            local, sums, contrib, per_slot = carry
+            s = slot[i]
+            local = jax.lax.cond(first[i], lambda: init_at(s), lambda: local)
+            sums = jax.tree.map(lambda m: jnp.where(first[i], jnp.zeros_like(m), m), sums)
+            local, step_sums = algorithm.client_step(model, local, batch_at(i))
+            sums = _tree_add(sums, step_sums)
+
+            def finish(args):
+                contrib, per_slot = args
+                out = algorithm.client_final(model, broadcast, local, weights[s])
+                c = algorithm.aggregator.contribution(out.update, out.weight,
+                                                      jax.random.fold_in(contrib_key, positions[s]))
+                per_slot = dict(per_slot)
+                per_slot["metric_sums"] = _set(per_slot["metric_sums"], s, sums)
+                per_slot["update_norm"] = per_slot["update_norm"].at[s].set(optax.global_norm(out.update))
+                per_slot["extras"] = _set(per_slot["extras"], s, out.metrics)
+                if cstates is not None:
+                    per_slot["client_states"] = _set(per_slot["client_states"], s, out.client_state)
+                return _tree_add(contrib, c), per_slot
+
+            contrib, per_slot = jax.lax.cond(last[i], finish, lambda args: args, (contrib, per_slot))
+            return local, sums, contrib, per_slot
+
+        _, _, contrib, per_slot = jax.lax.fori_loop(0, num_steps, body, carry0)
+        return contrib, per_slot
+
+    return lane
+
+
+def make_round_fn(model: Model, algorithm: Algorithm, lanes: int, on_trace=None):
+    """The whole round as one function of (server_state, batch, client_states, round_key)."""
+    lane = make_lane_fn(model, algorithm)
+
+    def round_fn(server_state, batch, client_states, round_key):
+        if on_trace is not None:
+            on_trace()
+        broadcast = algorithm.broadcast(server_state)
+        train_key, contrib_key, server_key = client_keys(round_key)
+        args = (batch.features, batch.mask, batch.slot, batch.first, batch.last, batch.num_steps, batch.weights,
+                batch.positions, client_states)
+        if lanes == 1:
+            contrib, per_slot = lane(broadcast, *_index(args, 0), train_key, contrib_key)
+            per_slot = jax.tree.map(lambda x: x[None], per_slot)
+        else:
+            in_axes = (None,) + (0,) * len(args) + (None, None)
+            contrib, per_slot = jax.vmap(lane, in_axes=in_axes)(broadcast, *args, train_key, contrib_key)
+            contrib = jax.tree.map(lambda x: jnp.sum(x, axis=0), contrib)
+        return finish_round(algorithm, server_state, contrib, per_slot, server_key)
+
+    return round_fn
+
+
+def finish_round(algorithm: Algorithm, server_state, contrib, per_slot, server_key) -> RoundOutput:
+    """Aggregates the summed contributions and applies the server update."""
+    aggregate, agg_metrics = algorithm.aggregator.finalize(contrib, server_key)
+    new_state, server_metrics = algorithm.server_update(server_state, aggregate)
+    metric_sums = jax.tree.map(jnp.sum, per_slot["metric_sums"])
+    client_metrics = {"update_norm": per_slot["update_norm"]}
+    for name, (total, count) in per_slot["metric_sums"].items():
+        client_metrics[f"{name}_sum"] = total
+        client_metrics[f"{name}_count"] = count
+    client_metrics.update(per_slot["extras"])
+    extras = {"update_norm": optax.global_norm(aggregate), **agg_metrics, **server_metrics}
+    return RoundOutput(new_state, metric_sums, client_metrics, per_slot["client_states"], extras)

@@ -1,0 +1,105 @@
+"""Turns a flax nnx module into pure functions the compiled round can use."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from fedtrain import metrics as metrics_lib
+
+Params = Any
+MetricSums = dict[str, tuple[jax.Array, jax.Array]]
+
+MASK_KEY = "mask"
+
+
+class Model(NamedTuple):
+    """A model as pure functions.
+
+    ``apply(params, x, rng, train) -> logits``; ``loss`` and ``metrics`` are
+    :class:`fedtrain.metrics.Metric`; ``input_key`` names the batch feature fed
+    to the model.
+    """
+
+    init_params: Params
+    apply: Callable[[Params, jax.Array, jax.Array | None, bool], jax.Array]
+    loss: metrics_lib.Metric
+    metrics: tuple[metrics_lib.Metric, ...]
+    input_key: str = "x"
+    name: str = "model"
+
+
+def from_nnx(
+    module: nnx.Module,
+    *,
+    loss: Any = None,
+    metrics: Sequence[Any] | None = None,
+    input_key: str = "x",
+) -> Model:
+    """Splits ``module`` into ``nnx.Param`` state (trained) and the rest (kept fixed).
+
+    Dropout draws from the ``dropout`` stream, reseeded per step from the
+    engine's rng; ``train`` switches the module with ``module.train()`` /
+    ``module.eval()``.
+    """
+    if not isinstance(module, nnx.Module):
+        raise TypeError(f"expected a flax.nnx.Module, got {type(module).__name__}.")
+    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+    if not jax.tree.leaves(params):
+        raise ValueError(f"{type(module).__name__} has no nnx.Param to train.")
+    variables = jax.tree.leaves(rest, is_leaf=lambda v: isinstance(v, nnx.Variable))
+    has_dropout_stream = any(getattr(v, "tag", None) == "dropout" for v in variables)
+
+    def apply(params_, x, rng=None, train=False):
+        # Fresh copies of the fixed state so nnx may mutate rng counters inside any trace.
+        model = nnx.merge(graphdef, params_, jax.tree.map(jnp.asarray, rest))
+        if train:
+            if rng is not None and has_dropout_stream:
+                nnx.reseed(model, dropout=rng)
+            model.train()
+        else:
+            model.eval()
+        return model(x)
+
+    loss_metric = metrics_lib.get(loss if loss is not None else "sparse_categorical_crossentropy")
+    if loss_metric.name != "loss":
+        loss_metric = metrics_lib.Metric("loss", loss_metric.fn)
+    metric_list = tuple(metrics_lib.get(m) for m in (metrics if metrics is not None else ["accuracy"]))
+    names = [m.name for m in metric_list]
+    if "loss" in names or len(set(names)) != len(names):
+        raise ValueError(f"metric names must be unique and not 'loss'; got {names}.")
+    return Model(params, apply, loss_metric, metric_list, input_key, type(module).__name__)
+
+
+def _broadcast_mask(mask: jax.Array, like: jax.Array) -> jax.Array:
+    return jnp.reshape(mask, mask.shape + (1,) * (like.ndim - mask.ndim)).astype(jnp.float32)
+
+
+def metric_sums(model: Model, batch: dict, logits: jax.Array) -> MetricSums:
+    """``{name: (sum, count)}`` for the loss and every metric, padded examples excluded."""
+    mask = batch.get(MASK_KEY)
+    out = {}
+    for metric in (model.loss, *model.metrics):
+        values, weights = metric.fn(batch, logits)
+        if mask is not None:
+            weights = weights * _broadcast_mask(mask, weights)
+        out[metric.name] = (jnp.sum(values * weights), jnp.sum(weights))
+    return out
+
+
+def loss_and_metrics(model: Model, params: Params, batch: dict, rng=None, train: bool = True):
+    """Mean loss over the batch's real examples (the objective) and the metric sums."""
+    logits = model.apply(params, batch[model.input_key], rng, train)
+    sums = metric_sums(model, batch, logits)
+    loss_sum, count = sums["loss"]
+    return loss_sum / jnp.maximum(count, 1.0), sums
+
+
+def grad_and_metrics(model: Model, params: Params, batch: dict, rng=None):
+    """Gradient of the mean loss and the metric sums, in train mode."""
+    grad_fn = jax.grad(lambda p: loss_and_metrics(model, p, batch, rng, True), has_aux=True)
+    return grad_fn(params)

@@ -1,0 +1,36 @@
+"""Client samplers: pure functions of (seed, round), so any round can be replayed."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class UniformSampler:
+    """Uniform sampling without replacement of ``clients_per_round`` clients each round.
+
+    ``sample(seed, round, population, k)`` returns population indices; it draws
+    from ``numpy.random.default_rng([seed, round])`` and is the same for the same
+    arguments on any machine.
+    """
+
+    name = "uniform"
+
+    def sample(self, seed: int, round_index: int, population: int, k: int) -> np.ndarray:
+        if k > population:
+            raise ValueError(
+                f"clients_per_round={k} is larger than the {population} clients available; "
+                f"use clients_per_round <= {population}."
+            )
+        rng = np.random.default_rng([int(seed), int(round_index), 0x5A])
+        return np.sort(rng.choice(population, size=k, replace=False)) if self.sorted else rng.choice(
+            population, size=k, replace=False)
+
+    def __init__(self, *, sorted: bool = False):
+        self.sorted = sorted
+
+    def sampling_probability(self, population: int, k: int) -> float:
+        """Probability that a given client is in a round's cohort."""
+        return k / population
+
+    def __repr__(self) -> str:
+        return "UniformSampler()"
