@@ -19,6 +19,12 @@ import jax.numpy as jnp
 PyTree = Any
 
 
+def global_norm(tree: PyTree) -> jax.Array:
+    """L2 norm of all leaves of ``tree`` together."""
+    leaves = jax.tree.leaves(tree)
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves)) if leaves else jnp.float32(0)
+
+
 class Aggregator(NamedTuple):
     """``contribution(update, weight, rng) -> summable``; ``finalize(total, rng) -> (aggregate, metrics)``."""
 

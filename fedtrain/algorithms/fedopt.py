@@ -122,8 +122,11 @@ def fedyogi(
     """FedYogi (Reddi et al., 2021); ``server_eps`` is the paper's adaptivity tau."""
     hp = dict(server_learning_rate=server_learning_rate, server_b1=server_b1, server_b2=server_b2,
               server_eps=server_eps, server_initial_accumulator_value=server_initial_accumulator_value)
-    tx = optax.yogi(server_learning_rate, server_b1, server_b2, server_eps,
-                    initial_accumulator_value=server_initial_accumulator_value)
+    tx = optax.chain(
+        optax.scale_by_yogi(server_b1, server_b2, server_eps,
+                            initial_accumulator_value=server_initial_accumulator_value),
+        optax.scale_by_learning_rate(server_learning_rate),
+    )
     return fedopt(client_tx, tx, name="fedyogi", hyperparams=hp, **kw)
 
 

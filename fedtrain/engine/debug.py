@@ -6,8 +6,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
+from fedtrain.aggregators import global_norm
 from fedtrain.algorithms.base import Algorithm
 from fedtrain.engine.plan import RoundPlan
 from fedtrain.engine.round import RoundOutput, client_keys, finish_round
@@ -52,7 +52,7 @@ def run_round_debug(model: Model, algorithm: Algorithm, server_state, plan: Roun
         out = algorithm.client_final(model, broadcast, local, jnp.float32(b.weights[lane, s]))
         c = algorithm.aggregator.contribution(out.update, out.weight, jax.random.fold_in(contrib_key, pos))
         contrib_total = c if contrib_total is None else jax.tree.map(jnp.add, contrib_total, c)
-        update_norm[lane, s] = float(optax.global_norm(out.update))
+        update_norm[lane, s] = float(global_norm(out.update))
         for name, (total, count) in sums.items():
             metric_sums.setdefault(name, (np.zeros((lanes, slots), np.float32), np.zeros((lanes, slots), np.float32)))
             metric_sums[name][0][lane, s] = float(total)

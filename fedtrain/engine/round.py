@@ -16,8 +16,8 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 
+from fedtrain.aggregators import global_norm
 from fedtrain.algorithms.base import Algorithm
 from fedtrain.models.adapter import MASK_KEY, Model
 
@@ -99,7 +99,7 @@ def make_lane_fn(model: Model, algorithm: Algorithm):
                                                       jax.random.fold_in(contrib_key, positions[s]))
                 per_slot = dict(per_slot)
                 per_slot["metric_sums"] = _set(per_slot["metric_sums"], s, sums)
-                per_slot["update_norm"] = per_slot["update_norm"].at[s].set(optax.global_norm(out.update))
+                per_slot["update_norm"] = per_slot["update_norm"].at[s].set(global_norm(out.update))
                 per_slot["extras"] = _set(per_slot["extras"], s, out.metrics)
                 if cstates is not None:
                     per_slot["client_states"] = _set(per_slot["client_states"], s, out.client_state)
@@ -147,5 +147,5 @@ def finish_round(algorithm: Algorithm, server_state, contrib, per_slot, server_k
         client_metrics[f"{name}_sum"] = total
         client_metrics[f"{name}_count"] = count
     client_metrics.update(per_slot["extras"])
-    extras = {"update_norm": optax.global_norm(aggregate), **agg_metrics, **server_metrics}
+    extras = {"update_norm": global_norm(aggregate), **agg_metrics, **server_metrics}
     return RoundOutput(new_state, metric_sums, client_metrics, per_slot["client_states"], extras)

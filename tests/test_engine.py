@@ -1,0 +1,201 @@
+"""The compiled round: agreement between backends, a numpy reference, packing, no recompilation."""
+
+import jax
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import fedtrain
+from fedtrain.engine.plan import (BatchSpec, Layout, assign_lanes, build_round, client_rng, example_order,
+                                  feature_specs)
+from tests.conftest import Linear, TinyMLP, make_clients
+
+
+def pure(params):
+    return jax.tree.map(np.asarray, nnx.to_pure_dict(params))
+
+
+def max_diff(a, b):
+    return max(jax.tree.leaves(jax.tree.map(lambda x, y: float(np.max(np.abs(x - y))), pure(a), pure(b))))
+
+
+def train(backend, data, algorithm, rounds=3, clients_per_round=5, dropout=0.0, lanes=None, **fit_kw):
+    model = TinyMLP(dropout=dropout, rngs=nnx.Rngs(0, dropout=1))
+    trainer = fedtrain.FederatedTrainer(model, data, algorithm, backend=backend, seed=3, lanes=lanes)
+    fit_kw.setdefault("batch_size", 4)
+    trainer.fit(rounds=rounds, clients_per_round=clients_per_round, verbose=0, **fit_kw)
+    return trainer
+
+
+@pytest.mark.parametrize("make_algorithm", [
+    lambda: fedtrain.algorithms.fedavg(optax.sgd(0.1)),
+    lambda: fedtrain.algorithms.fedadam(optax.sgd(0.05), server_learning_rate=0.05),
+    lambda: fedtrain.algorithms.fedyogi(optax.adam(0.01)),
+    lambda: fedtrain.algorithms.fedavgm(optax.sgd(0.1, momentum=0.5)),
+    lambda: fedtrain.algorithms.fedadagrad(optax.sgd(0.1)),
+], ids=["fedavg", "fedadam", "fedyogi", "fedavgm", "fedadagrad"])
+def test_backends_agree(data, make_algorithm):
+    results = {b: train(b, data, make_algorithm(), dropout=0.2) for b in ["scan", "vmap", "debug"]}
+    packed = train("vmap", data, make_algorithm(), dropout=0.2, lanes=2)
+    assert max_diff(results["scan"].params, results["vmap"].params) < 1e-5
+    assert max_diff(results["scan"].params, results["debug"].params) < 1e-5
+    assert max_diff(results["scan"].params, packed.params) < 1e-5
+    initial = nnx.split(TinyMLP(dropout=0.2, rngs=nnx.Rngs(0, dropout=1)), nnx.Param, ...)[1]
+    moved = max_diff(results["scan"].params, initial)
+    assert moved > 1e-3, "training did not change the parameters"
+    h = {b: t.history.history for b, t in results.items()}
+    np.testing.assert_allclose(h["scan"]["loss"], h["vmap"]["loss"], rtol=1e-5)
+    np.testing.assert_allclose(h["scan"]["loss"], h["debug"]["loss"], rtol=1e-5)
+
+
+def _softmax_regression_grad(w, b, x, y):
+    logits = x @ w + b
+    logits -= logits.max(-1, keepdims=True)
+    p = np.exp(logits)
+    p /= p.sum(-1, keepdims=True)
+    p[np.arange(len(y)), y] -= 1.0
+    return x.T @ p / len(y), p.sum(0) / len(y)
+
+
+def _numpy_round(w, b, cohort, clients, client_lr, spec, seed, round_index, server_step):
+    """One round by hand. Example order comes from the library's seeded shuffler
+    (tested on its own in test_example_order_epochs_and_steps); batches may span epochs."""
+    deltas_w, deltas_b, weights = [], [], []
+    ids = list(clients)
+    for cid in cohort:
+        x, y = clients[cid]["x"].astype(np.float64), clients[cid]["y"]
+        cw, cb = w.copy(), b.copy()
+        steps = int(spec.steps(len(y)))
+        order = example_order(len(y), spec, steps, client_rng(seed, round_index, ids.index(cid)))
+        for batch in order.reshape(steps, spec.batch_size):
+            batch = batch[batch >= 0]
+            gw, gb = _softmax_regression_grad(cw, cb, x[batch], y[batch])
+            cw -= client_lr * gw
+            cb -= client_lr * gb
+        deltas_w.append(w - cw)
+        deltas_b.append(b - cb)
+        weights.append(len(y))
+    weights = np.asarray(weights, np.float64)
+    mean_w = np.tensordot(weights, np.stack(deltas_w), 1) / weights.sum()
+    mean_b = np.tensordot(weights, np.stack(deltas_b), 1) / weights.sum()
+    return server_step(w, b, mean_w, mean_b)
+
+
+@pytest.mark.parametrize("server", ["sgd", "adam"])
+@pytest.mark.parametrize("backend", ["scan", "vmap"])
+def test_matches_numpy_reference(server, backend):
+    clients = make_clients(num_clients=6, features=4, classes=3, min_size=5, max_size=12, seed=1)
+    data = fedtrain.InMemoryFederatedData(clients)
+    client_lr, rounds = 0.3, 4
+    spec = BatchSpec(4, local_epochs=2)
+    if server == "sgd":
+        algorithm = fedtrain.algorithms.fedavg(optax.sgd(client_lr), server_learning_rate=0.7)
+    else:
+        algorithm = fedtrain.algorithms.fedadam(optax.sgd(client_lr), server_learning_rate=0.1, server_b1=0.9,
+                                                server_b2=0.99, server_eps=1e-3)
+    cohorts = []
+    trainer = fedtrain.FederatedTrainer(Linear(rngs=nnx.Rngs(4)), data, algorithm, backend=backend, seed=7)
+    p0 = pure(trainer.params)["dense"]
+    trainer.fit(rounds=rounds, clients_per_round=3, batch_size=spec.batch_size, local_epochs=spec.local_epochs,
+                verbose=0,
+                callbacks=[fedtrain.callbacks.LambdaCallback(on_clients_sampled=lambda r, ids: cohorts.append(ids))])
+    w, b = p0["kernel"].astype(np.float64), p0["bias"].astype(np.float64)
+    adam = {"m": (0, 0), "v": (0, 0), "t": 0}
+
+    def sgd_step(w, b, gw, gb):
+        return w - 0.7 * gw, b - 0.7 * gb
+
+    def adam_step(w, b, gw, gb):
+        adam["t"] += 1
+        t = adam["t"]
+        m = tuple(0.9 * mo + 0.1 * g for mo, g in zip(adam["m"], (gw, gb)))
+        v = tuple(0.99 * vo + 0.01 * g * g for vo, g in zip(adam["v"], (gw, gb)))
+        adam["m"], adam["v"] = m, v
+        upd = [0.1 * (mi / (1 - 0.9**t)) / (np.sqrt(vi / (1 - 0.99**t)) + 1e-3) for mi, vi in zip(m, v)]
+        return w - upd[0], b - upd[1]
+
+    for r, cohort in enumerate(cohorts):
+        w, b = _numpy_round(w, b, cohort, clients, client_lr, spec, 7, r, sgd_step if server == "sgd" else adam_step)
+    got = pure(trainer.params)["dense"]
+    np.testing.assert_allclose(got["kernel"], w, atol=1e-5)
+    np.testing.assert_allclose(got["bias"], b, atol=1e-5)
+    assert len(cohorts) == rounds and all(len(c) == 3 for c in cohorts)
+
+
+def test_no_recompilation_after_first_round(data):
+    trainer = train("scan", data, fedtrain.algorithms.fedavg(optax.sgd(0.1)), rounds=6)
+    assert trainer.engine.compilations == 1
+    trainer = train("vmap", data, fedtrain.algorithms.fedavg(optax.sgd(0.1)), rounds=6)
+    assert trainer.engine.compilations == 1
+
+
+def _round_params(clients, cohort, layout_lanes, capacity_extra=0):
+    data = fedtrain.InMemoryFederatedData(clients)
+    model = fedtrain.models.adapter.from_nnx(TinyMLP(rngs=nnx.Rngs(0)))
+    algorithm = fedtrain.algorithms.fedavg(optax.sgd(0.1))
+    spec = BatchSpec(4)
+    sizes = np.array([len(clients[c]["y"]) for c in cohort])
+    steps = spec.steps(sizes)
+    slots = -(-len(cohort) // layout_lanes)
+    layout = Layout(layout_lanes, slots, int(np.sort(steps)[::-1][:slots].sum()) + capacity_extra)
+    plan = build_round(data, cohort, list(range(len(cohort))), sizes, spec, layout,
+                       feature_specs(clients[cohort[0]]), seed=0, round_index=0)
+    engine = fedtrain.engine.Engine(model, algorithm, "scan" if layout_lanes == 1 else "vmap")
+    out = engine.run(algorithm.init(model.init_params), plan, plan.batch, None, jax.random.key(0))
+    return out.server_state.params, out
+
+
+def test_empty_client_and_spare_capacity_change_nothing(clients):
+    ids = list(clients)[:4]
+    base, _ = _round_params(clients, ids, 1)
+    with_empty = dict(clients, empty={"x": np.zeros((0, 8), np.float32), "y": np.zeros((0,), np.int32)})
+    padded, out = _round_params(with_empty, ids + ["empty"], 1, capacity_extra=7)
+    assert max_diff(base, padded) < 1e-6
+    assert float(out.client_metrics["loss_count"][0, 4]) == 0.0  # the empty slot never trained
+    lanes, _ = _round_params(with_empty, ids + ["empty"], 3, capacity_extra=2)
+    assert max_diff(base, lanes) < 1e-5
+
+
+def test_packing_visits_every_example_once_per_epoch(clients):
+    ids = list(clients)[:5]
+    data = fedtrain.InMemoryFederatedData(clients)
+    spec = BatchSpec(4, local_epochs=2)
+    sizes = np.array([len(clients[c]["y"]) for c in ids])
+    steps = spec.steps(sizes)
+    layout = Layout(2, 3, int(np.sort(steps)[::-1][:3].sum()))
+    specs = feature_specs(clients[ids[0]])
+    plan = build_round(data, ids, list(range(5)), sizes, spec, layout, specs, seed=0, round_index=0)
+    b = plan.batch
+    for pos, (lane, s) in enumerate(plan.placement):
+        rows = [i for i in range(b.num_steps[lane]) if b.slot[lane, i] == s]
+        assert rows == list(range(rows[0], rows[0] + len(rows))), "a client's steps are contiguous"
+        assert b.first[lane, rows[0]] and b.last[lane, rows[-1]] and b.first[lane].sum() <= 3
+        xs = b.features["x"][lane, rows].reshape(-1, 8)[b.mask[lane, rows].reshape(-1) > 0]
+        assert len(xs) == 2 * sizes[pos]
+        expected = np.sort(np.concatenate([clients[ids[pos]]["x"]] * 2), axis=0)
+        np.testing.assert_array_equal(np.sort(xs, axis=0), expected)
+        assert b.weights[lane, s] == sizes[pos] and b.positions[lane, s] == pos
+    assert plan.real_examples == 2 * sizes.sum()
+    assert 0 < plan.padding_efficiency <= 1
+
+
+def test_lane_assignment_balances_load():
+    steps = [10, 9, 8, 3, 2, 2, 1, 1]
+    placement = assign_lanes(steps, Layout(lanes=3, slots=3, capacity=40))
+    load = np.zeros(3)
+    for (lane, _), k in zip(placement, steps):
+        load[lane] += k
+    assert load.max() - load.min() <= 3
+    assert len(set(placement)) == len(steps)
+
+
+def test_example_order_epochs_and_steps():
+    rng = np.random.default_rng(0)
+    order = example_order(10, BatchSpec(4, local_epochs=2), 5, rng)
+    assert sorted(order.tolist()) == sorted(list(range(10)) * 2)
+    order = example_order(5, BatchSpec(4, local_epochs=1), 2, rng)
+    assert sorted(order.tolist()) == [-1, -1, -1, 0, 1, 2, 3, 4]
+    order = example_order(3, BatchSpec(4, local_epochs=None, local_steps=3), 3, rng)
+    assert len(order) == 12 and (order >= 0).all()
+    np.testing.assert_array_equal(BatchSpec(4, 1, 2).steps([0, 1, 4, 5, 100]), [0, 1, 1, 2, 2])
