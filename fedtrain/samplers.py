@@ -6,11 +6,11 @@ import numpy as np
 
 
 class UniformSampler:
-    """Uniform sampling without replacement of ``clients_per_round`` clients each round.
+    """Uniform sampling without replacement of ``k`` clients each round.
 
-    ``sample(seed, round, population, k)`` returns population indices; it draws
-    from ``numpy.random.default_rng([seed, round])`` and is the same for the same
-    arguments on any machine.
+    ``sample(seed, round, population, k)`` returns population indices drawn from
+    ``numpy.random.default_rng([seed, round, ...])``: the same arguments give the
+    same cohort on any machine, and nothing depends on earlier rounds.
     """
 
     name = "uniform"
@@ -19,14 +19,9 @@ class UniformSampler:
         if k > population:
             raise ValueError(
                 f"clients_per_round={k} is larger than the {population} clients available; "
-                f"use clients_per_round <= {population}."
-            )
+                f"use clients_per_round <= {population}.")
         rng = np.random.default_rng([int(seed), int(round_index), 0x5A])
-        return np.sort(rng.choice(population, size=k, replace=False)) if self.sorted else rng.choice(
-            population, size=k, replace=False)
-
-    def __init__(self, *, sorted: bool = False):
-        self.sorted = sorted
+        return rng.choice(population, size=k, replace=False)
 
     def sampling_probability(self, population: int, k: int) -> float:
         """Probability that a given client is in a round's cohort."""

@@ -245,3 +245,22 @@ def test_local_steps_repeat_small_clients():
     trainer = make_trainer(data)
     trainer.fit(rounds=1, clients_per_round=4, batch_size=4, local_epochs=None, local_steps=5, verbose=0)
     assert trainer.history.history["num_examples"][0] == 4 * 5 * 4
+
+
+def test_algorithm_model_mismatch_is_named(data):
+    base = fedtrain.algorithms.fedavg(optax.sgd(0.1))
+    needs_conv = base._replace(name="needs_conv", init=lambda params: params["conv"])
+    with pytest.raises(TypeError, match=r"algorithm 'needs_conv' cannot be initialised with the parameters of TinyMLP"):
+        fedtrain.FederatedTrainer(TinyMLP(rngs=nnx.Rngs(0)), data, needs_conv)
+
+
+def test_uniform_sampler_is_a_pure_function_of_seed_and_round():
+    sampler = fedtrain.samplers.UniformSampler()
+    a = sampler.sample(1, 7, 100, 10)
+    np.testing.assert_array_equal(a, sampler.sample(1, 7, 100, 10))
+    assert len(set(a.tolist())) == 10 and a.min() >= 0 and a.max() < 100
+    assert not np.array_equal(a, sampler.sample(1, 8, 100, 10))
+    assert not np.array_equal(a, sampler.sample(2, 7, 100, 10))
+    counts = np.bincount(np.concatenate([sampler.sample(0, r, 20, 5) for r in range(2000)]), minlength=20)
+    assert counts.min() > 0.85 * 500 and counts.max() < 1.15 * 500  # uniform: 2000*5/20 = 500 each
+    assert sampler.sampling_probability(20, 5) == 0.25

@@ -1,0 +1,1 @@
+"""Experiment recipes: ml_collections configs, one per task x algorithm."""
