@@ -18,6 +18,7 @@ from flax import nnx
 from fedtrain.algorithms.base import Algorithm
 from fedtrain.callbacks.base import Callback, CallbackList, History
 from fedtrain.callbacks.progress import ProgressBar
+from fedtrain.client_states import ClientStateStore
 from fedtrain.data.federated_data import FederatedData
 from fedtrain.engine import BatchSpec, Engine, RoundPlan, build_round
 from fedtrain.engine.plan import FeatureSpec, feature_specs
@@ -74,7 +75,8 @@ class FederatedTrainer:
             raise TypeError(
                 f"algorithm {algorithm.name!r} cannot be initialised with the parameters of "
                 f"{self.model_fns.name}: {type(e).__name__}: {e}") from e
-        self.client_states = None  # dense per-client state for stateful algorithms, see ClientStateStore
+        self.client_states = (ClientStateStore(algorithm.client_state_init(self.model_fns.init_params))
+                              if algorithm.client_state_init is not None else None)
         self.round = 0  # rounds completed
         self.stop_training = False
         self.history = History()
@@ -177,9 +179,15 @@ class FederatedTrainer:
 
     def _run_round(self, r: int, plan: RoundPlan, device_batch, callback_list: CallbackList) -> dict[str, float]:
         round_key = jax.random.fold_in(jax.random.key(self.seed), r)
-        client_states = None  # stateful algorithms gather their cohort's rows here
+        client_states = None
+        if self.client_states is not None:
+            lanes, slots = plan.batch.weights.shape
+            client_states = jax.tree.map(jax.numpy.asarray, self.client_states.gather(
+                plan.client_ids, plan.placement, lanes, slots))
         out = self.engine.run(self.server_state, plan, device_batch, client_states, round_key)
         self.server_state = out.server_state
+        if self.client_states is not None:
+            self.client_states.scatter(plan.client_ids, plan.placement, jax.device_get(out.client_states))
         metric_sums, extras, client_metrics = jax.device_get((out.metric_sums, out.extras, out.client_metrics))
         logs: dict[str, float] = {}
         for name, (total, count) in metric_sums.items():
