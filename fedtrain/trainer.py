@@ -126,10 +126,10 @@ class FederatedTrainer:
         if data is None:
             raise ValueError("no training data: pass train_data to FederatedTrainer(...) or to fit(...).")
         self.train_data = data
-        start = self.round if initial_round is None else int(initial_round)
         rounds = int(rounds)
-        if rounds < 0 or start < 0:
-            raise ValueError(f"rounds and initial_round must be >= 0; got rounds={rounds}, initial_round={start}.")
+        if rounds < 0 or (initial_round is not None and initial_round < 0):
+            raise ValueError(f"rounds and initial_round must be >= 0; got rounds={rounds}, "
+                             f"initial_round={initial_round}.")
         spec = BatchSpec(int(batch_size), local_epochs, local_steps).validate()
         population = _Population.of(data, spec)
         if clients_per_round < 1:
@@ -143,9 +143,10 @@ class FederatedTrainer:
         cbs = list(callbacks or [])
         if verbose and not any(isinstance(cb, ProgressBar) for cb in cbs):
             cbs.append(ProgressBar(verbose))
-        self.history = History() if not self.history.rounds or start == 0 else self.history
+        if initial_round == 0:
+            self.history = History()
         cbs.append(self.history)
-        params = {"rounds": rounds, "initial_round": start, "clients_per_round": clients_per_round,
+        params = {"rounds": rounds, "initial_round": initial_round, "clients_per_round": clients_per_round,
                   "batch_size": spec.batch_size, "local_epochs": spec.local_epochs, "local_steps": spec.local_steps,
                   "num_clients": population.size, "backend": self.backend, "algorithm": self.algorithm.name}
         callback_list = CallbackList(cbs, self, params)
@@ -154,6 +155,8 @@ class FederatedTrainer:
         feeder = _RoundFeeder(self, data, population, spec)
         val_rounds = _validation_rounds(validation_freq)
         callback_list.on_train_begin({})
+        # A callback may have restored a checkpoint in on_train_begin (round, state, history).
+        start = self.round if initial_round is None else int(initial_round)
         logs: dict[str, float] = {}
         try:
             for r in range(start, rounds):
@@ -232,6 +235,38 @@ class FederatedTrainer:
                 f"the model, loss or metrics cannot run on this data (batch {shapes}): "
                 f"{type(e).__name__}: {e}") from e
 
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue training exactly: server state, client states, round, history."""
+        return {
+            "server_state": self.server_state,
+            "client_states": None if self.client_states is None else self.client_states.state_dict(),
+            "round": self.round,
+            "seed": self.seed,
+            "algorithm": self.algorithm.name,
+            "history": self.history.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores what :meth:`state_dict` returned; the server state must match this algorithm and model."""
+        if state.get("algorithm", self.algorithm.name) != self.algorithm.name:
+            raise ValueError(f"the state was saved by algorithm {state['algorithm']!r}, "
+                             f"this trainer runs {self.algorithm.name!r}.")
+        expected = jax.tree.structure(self.server_state)
+        if jax.tree.structure(state["server_state"]) != expected:
+            raise ValueError("the saved server state does not match this trainer's model/algorithm "
+                             f"structure ({expected}).")
+        for path_a, a, b in zip(*_paths_and_leaves(self.server_state, state["server_state"])):
+            if np.shape(a) != np.shape(b):
+                raise ValueError(f"saved server state {path_a} has shape {np.shape(b)}, "
+                                 f"this trainer has {np.shape(a)}.")
+        self.server_state = jax.tree.map(jnp.asarray, state["server_state"])
+        if self.client_states is not None and state.get("client_states") is not None:
+            self.client_states.load_state_dict(state["client_states"])
+        self.round = int(state["round"])
+        if state.get("history") is not None:
+            self.history.load_state_dict(state["history"])
+
     # ------------------------------------------------------------------ evaluate / predict
     def evaluate(self, data: FederatedData, *, batch_size: int | None = None, callbacks=None,
                  verbose: int = 0) -> dict[str, float]:
@@ -250,6 +285,12 @@ class FederatedTrainer:
 
 
 # ---------------------------------------------------------------------- helpers
+def _paths_and_leaves(reference, other):
+    flat = jax.tree_util.tree_flatten_with_path(reference)[0]
+    paths = [jax.tree_util.keystr(p) for p, _ in flat]
+    return paths, [x for _, x in flat], jax.tree.leaves(other)
+
+
 def _abstract_batch(specs: dict[str, FeatureSpec], batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
     batch = {k: jax.ShapeDtypeStruct((batch_size,) + s.shape, s.dtype) for k, s in specs.items()}
     batch[MASK_KEY] = jax.ShapeDtypeStruct((batch_size,), jnp.float32)

@@ -264,3 +264,27 @@ def test_uniform_sampler_is_a_pure_function_of_seed_and_round():
     counts = np.bincount(np.concatenate([sampler.sample(0, r, 20, 5) for r in range(2000)]), minlength=20)
     assert counts.min() > 0.85 * 500 and counts.max() < 1.15 * 500  # uniform: 2000*5/20 = 500 each
     assert sampler.sampling_probability(20, 5) == 0.25
+
+
+def test_state_dict_roundtrip_continues_identically(data):
+    import jax
+
+    first = make_trainer(data, seed=2)
+    first.fit(rounds=2, clients_per_round=3, batch_size=4, verbose=0)
+    state = jax.device_get(first.state_dict())
+    resumed = make_trainer(data, seed=2)
+    resumed.load_state_dict(state)
+    assert resumed.round == 2 and resumed.history.rounds == [0, 1]
+    resumed.fit(rounds=4, clients_per_round=3, batch_size=4, verbose=0)
+    straight = make_trainer(data, seed=2)
+    straight.fit(rounds=4, clients_per_round=3, batch_size=4, verbose=0)
+    a, b = nnx.to_pure_dict(resumed.params), nnx.to_pure_dict(straight.params)
+    np.testing.assert_array_equal(a["l2"]["kernel"], b["l2"]["kernel"])
+    assert resumed.history.history["loss"] == straight.history.history["loss"]
+    other = fedtrain.FederatedTrainer(TinyMLP(hidden=5, rngs=nnx.Rngs(0)), data,
+                                      fedtrain.algorithms.fedavg(optax.sgd(0.1)))
+    with pytest.raises(ValueError, match=r"saved server state .*kernel.* has shape \(8, 16\), this trainer has \(8, 5\)"):
+        other.load_state_dict(state)
+    adam = fedtrain.FederatedTrainer(TinyMLP(rngs=nnx.Rngs(0)), data, fedtrain.algorithms.fedadam(optax.sgd(0.1)))
+    with pytest.raises(ValueError, match="saved by algorithm 'fedavg', this trainer runs 'fedadam'"):
+        adam.load_state_dict(state)

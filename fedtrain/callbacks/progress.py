@@ -40,7 +40,8 @@ class ProgressBar(Callback):
 
     def on_train_begin(self, logs=None) -> None:
         self._rounds = int(self.params.get("rounds", 0))
-        self._first_round = int(self.params.get("initial_round", 0))
+        given = self.params.get("initial_round")
+        self._first_round = int(given if given is not None else getattr(self.trainer, "round", 0))
         self._start = time.perf_counter()
         console = Console(file=self.file or sys.stdout)
         self._console = console
