@@ -283,7 +283,7 @@ def test_state_dict_roundtrip_continues_identically(data):
     assert resumed.history.history["loss"] == straight.history.history["loss"]
     other = fedtrain.FederatedTrainer(TinyMLP(hidden=5, rngs=nnx.Rngs(0)), data,
                                       fedtrain.algorithms.fedavg(optax.sgd(0.1)))
-    with pytest.raises(ValueError, match=r"saved server state .*kernel.* has shape \(8, 16\), this trainer has \(8, 5\)"):
+    with pytest.raises(ValueError, match=r"saved server state .params\['l1'\]\['bias'\].value has shape \(16,\), this trainer has \(5,\)"):
         other.load_state_dict(state)
     adam = fedtrain.FederatedTrainer(TinyMLP(rngs=nnx.Rngs(0)), data, fedtrain.algorithms.fedadam(optax.sgd(0.1)))
     with pytest.raises(ValueError, match="saved by algorithm 'fedavg', this trainer runs 'fedadam'"):
