@@ -42,8 +42,8 @@ def from_nnx(
 ) -> Model:
     """Splits ``module`` into ``nnx.Param`` state (trained) and the rest (kept fixed).
 
-    Dropout draws from the ``dropout`` stream, reseeded per step from the
-    engine's rng; ``train`` switches the module with ``module.train()`` /
+    Every rng stream of the module (e.g. ``dropout``) is reseeded per step from
+    the engine's rng; ``train`` switches the module with ``module.train()`` /
     ``module.eval()``.
     """
     if not isinstance(module, nnx.Module):
@@ -52,14 +52,15 @@ def from_nnx(
     if not jax.tree.leaves(params):
         raise ValueError(f"{type(module).__name__} has no nnx.Param to train.")
     variables = jax.tree.leaves(rest, is_leaf=lambda v: isinstance(v, nnx.Variable))
-    has_dropout_stream = any(getattr(v, "tag", None) == "dropout" for v in variables)
+    # Every rng stream (``dropout``, ``default``, ...) is reseeded per step, so no mask repeats.
+    streams = sorted({v.tag for v in variables if isinstance(v, nnx.RngKey)})
 
     def apply(params_, x, rng=None, train=False):
         # Fresh copies of the fixed state so nnx may mutate rng counters inside any trace.
         model = nnx.merge(graphdef, params_, jax.tree.map(jnp.asarray, rest))
         if train:
-            if rng is not None and has_dropout_stream:
-                nnx.reseed(model, dropout=rng)
+            if rng is not None and streams:
+                nnx.reseed(model, **{s: jax.random.fold_in(rng, i) for i, s in enumerate(streams)})
             model.train()
         else:
             model.eval()
