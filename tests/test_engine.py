@@ -199,3 +199,26 @@ def test_example_order_epochs_and_steps():
     order = example_order(3, BatchSpec(4, local_epochs=None, local_steps=3), 3, rng)
     assert len(order) == 12 and (order >= 0).all()
     np.testing.assert_array_equal(BatchSpec(4, 1, 2).steps([0, 1, 4, 5, 100]), [0, 1, 1, 2, 2])
+
+
+def test_partial_batches_run_in_the_smallest_bucket(clients):
+    from fedtrain.engine.plan import partial_batch_buckets
+    assert partial_batch_buckets(10) == (2, 3, 5, 10)
+    assert partial_batch_buckets(4) == (1, 2, 4)
+    assert partial_batch_buckets(1) == (1,)
+    ids = list(clients)[:5]
+    data = fedtrain.InMemoryFederatedData(clients)
+    spec = BatchSpec(4)
+    sizes = np.array([len(clients[c]["y"]) for c in ids])
+    steps = spec.steps(sizes)
+    specs = feature_specs(clients[ids[0]])
+    single = build_round(data, ids, list(range(5)), sizes, spec, Layout(1, 5, int(steps.sum())), specs, 0, 0)
+    b = single.batch
+    real = b.mask[0, : b.num_steps[0]].sum(axis=1)
+    chosen = np.asarray(partial_batch_buckets(4))[b.bucket[0, : b.num_steps[0]]]
+    assert np.all(chosen >= real) and np.all(chosen[real == 4] == 4)
+    assert np.all(chosen[real <= 1] == 1) and np.all(chosen[(real > 1) & (real <= 2)] == 2)
+    assert single.computed_examples == chosen.sum()
+    lanes = build_round(data, ids, list(range(5)), sizes, spec, Layout(2, 3, int(steps.sum())), specs, 0, 0)
+    assert lanes.computed_examples == lanes.batch.num_steps.max() * 2 * 4  # vmapped lanes: full batches
+    assert single.padding_efficiency >= lanes.padding_efficiency

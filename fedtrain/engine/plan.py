@@ -62,6 +62,16 @@ class BatchSpec(NamedTuple):
         return np.minimum(budget, n * int(self.local_epochs))
 
 
+def partial_batch_buckets(batch_size: int) -> tuple[int, ...]:
+    """Batch shapes a single-lane round may run a step with: ``ceil(B / 2**k)``, k = 0..3.
+
+    A client's last, partial batch runs with the smallest shape that holds its
+    real examples (a ``switch`` on device), so padding costs at most about half
+    of that batch instead of up to ``B - 1`` examples.
+    """
+    return tuple(sorted({-(-int(batch_size) // 2**k) for k in range(4)}))
+
+
 class Layout(NamedTuple):
     """Fixed shapes of a round: ``lanes`` x ``capacity`` steps, ``slots`` clients per lane."""
 
@@ -106,6 +116,7 @@ class RoundBatch(NamedTuple):
     slot: np.ndarray  # [L, T] int32, slot of the client this step belongs to
     first: np.ndarray  # [L, T] bool, first step of a client
     last: np.ndarray  # [L, T] bool, last step of a client
+    bucket: np.ndarray  # [L, T] int32, index into partial_batch_buckets(B) (single lane) or 0
     num_steps: np.ndarray  # [L] int32, steps used in each lane
     weights: np.ndarray  # [L, S] float32, examples of the client in each slot (0 = empty)
     positions: np.ndarray  # [L, S] int32, cohort position of the client in each slot (-1 = empty)
@@ -178,6 +189,8 @@ def build_round(
     slot = np.zeros((L, T), np.int32)
     first = np.zeros((L, T), bool)
     last = np.zeros((L, T), bool)
+    bucket = np.zeros((L, T), np.int32)
+    buckets = np.asarray(partial_batch_buckets(B) if L == 1 else (B,))
     num_steps = np.zeros((L,), np.int32)
     weights = np.zeros((L, S), np.float32)
     positions = np.full((L, S), -1, np.int32)
@@ -202,14 +215,19 @@ def build_round(
         for name, buf in features.items():
             buf[lane, start:stop] = examples[name][take].reshape((k, B) + specs[name].shape)
         mask[lane, start:stop] = (order >= 0).reshape(k, B)
+        # Padding is only ever at the end of a batch, so a step's real examples are a prefix.
+        bucket[lane, start:stop] = np.searchsorted(buckets, mask[lane, start:stop].sum(axis=1))
         slot[lane, start:stop] = s
         first[lane, start] = True
         last[lane, stop - 1] = True
         cursor[lane] = stop
     num_steps[:] = cursor
     real = int(spec.examples_seen(sizes).sum())
-    computed = int(cursor.max() * L * B)  # lanes run in lockstep until the longest is done
-    batch = RoundBatch(features, mask, slot, first, last, num_steps, weights, positions)
+    if L == 1:
+        computed = int(buckets[bucket[0, : cursor[0]]].sum())
+    else:
+        computed = int(cursor.max() * L * B)  # lanes run in lockstep until the longest is done
+    batch = RoundBatch(features, mask, slot, first, last, bucket, num_steps, weights, positions)
     return RoundPlan(int(round_index), list(client_ids), batch, placement, real, computed)
 
 

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from fedtrain.aggregators import global_norm
 from fedtrain.algorithms.base import Algorithm
+from fedtrain.engine.plan import partial_batch_buckets
 from fedtrain.models.adapter import MASK_KEY, Model
 
 PyTree = Any
@@ -54,21 +55,33 @@ def client_keys(round_key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     return train_key, contrib_key, server_key
 
 
-def make_lane_fn(model: Model, algorithm: Algorithm):
-    """``lane(broadcast, batch_lane, client_states_lane, keys) -> (contribution_sum, per_slot)``."""
+def make_lane_fn(model: Model, algorithm: Algorithm, bucketed: bool):
+    """``lane(broadcast, batch_lane, client_states_lane, keys) -> (contribution_sum, per_slot)``.
 
-    def lane(broadcast, features, mask, slot, first, last, num_steps, weights, positions, cstates, train_key,
-             contrib_key):
+    With ``bucketed`` (single lane), each step runs on the first ``partial_batch_buckets(B)[bucket]``
+    examples of its batch, chosen by a device-side switch; the rest are padding.
+    """
+
+    def lane(broadcast, features, mask, slot, first, last, bucket, num_steps, weights, positions, cstates,
+             train_key, contrib_key):
         def state_at(s):
             return None if cstates is None else _index(cstates, s)
 
         def init_at(s):
             return algorithm.client_init(model, broadcast, state_at(s), jax.random.fold_in(train_key, positions[s]))
 
-        def batch_at(i):
+        def batch_at(i, size=None):
             batch = {k: v[i] for k, v in features.items()}
             batch[MASK_KEY] = mask[i]
-            return batch
+            return batch if size is None else {k: v[:size] for k, v in batch.items()}
+
+        sizes = partial_batch_buckets(mask.shape[-1]) if bucketed else ()
+
+        def step(local, i):
+            if len(sizes) < 2:
+                return algorithm.client_step(model, local, batch_at(i))
+            branches = [lambda l, n=n: algorithm.client_step(model, l, batch_at(i, n)) for n in sizes]
+            return jax.lax.switch(bucket[i], branches, local)
 
         local0 = init_at(0)
         step_sums_shape = jax.eval_shape(lambda l: algorithm.client_step(model, l, batch_at(0))[1], local0)
@@ -89,7 +102,7 @@ def make_lane_fn(model: Model, algorithm: Algorithm):
             s = slot[i]
             local = jax.lax.cond(first[i], lambda: init_at(s), lambda: local)
             sums = jax.tree.map(lambda m: jnp.where(first[i], jnp.zeros_like(m), m), sums)
-            local, step_sums = algorithm.client_step(model, local, batch_at(i))
+            local, step_sums = step(local, i)
             sums = _tree_add(sums, step_sums)
 
             def finish(args):
@@ -116,15 +129,15 @@ def make_lane_fn(model: Model, algorithm: Algorithm):
 
 def make_round_fn(model: Model, algorithm: Algorithm, lanes: int, on_trace=None):
     """The whole round as one function of (server_state, batch, client_states, round_key)."""
-    lane = make_lane_fn(model, algorithm)
+    lane = make_lane_fn(model, algorithm, bucketed=lanes == 1)
 
     def round_fn(server_state, batch, client_states, round_key):
         if on_trace is not None:
             on_trace()
         broadcast = algorithm.broadcast(server_state)
         train_key, contrib_key, server_key = client_keys(round_key)
-        args = (batch.features, batch.mask, batch.slot, batch.first, batch.last, batch.num_steps, batch.weights,
-                batch.positions, client_states)
+        args = (batch.features, batch.mask, batch.slot, batch.first, batch.last, batch.bucket, batch.num_steps,
+                batch.weights, batch.positions, client_states)
         if lanes == 1:
             contrib, per_slot = lane(broadcast, *_index(args, 0), train_key, contrib_key)
             per_slot = jax.tree.map(lambda x: x[None], per_slot)
