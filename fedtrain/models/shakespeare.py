@@ -1,8 +1,9 @@
 """Next-character LSTM for federated Shakespeare (McMahan et al. 2017; Reddi et al. 2021).
 
 Embedding 8 -> 2 x LSTM-256 -> Dense(vocabulary); 820,522 parameters with the
-defaults. The logits of PAD and BOS, which are never targets, are masked to
-``-1e9``.
+defaults. The logit of PAD, which is never a (weighted) target, is masked to
+``-1e9``. BOS stays predictable: clients' speeches are joined as
+``BOS ... EOS BOS ...``, so BOS is the target after every EOS.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from fedtrain.models.lstm import StackedLSTM
 from fedtrain.datasets.shakespeare import BOS, EOS, OOV, PAD, VOCAB_SIZE  # noqa: F401  (re-exported)
 
 MASKED_LOGIT = -1e9
-NON_PREDICTABLE_IDS = (PAD, BOS)
+NON_PREDICTABLE_IDS = (PAD,)
 
 
 class ShakespeareLSTM(nnx.Module):
