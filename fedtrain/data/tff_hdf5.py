@@ -1,0 +1,144 @@
+"""TFF's legacy HDF5 format: ``examples/<client_id>/<feature>``, one dataset per feature.
+
+Text features are variable-length strings, read back as object arrays of
+``bytes`` (as TFF's readers see them). Clients are listed in the file's
+(alphabetical) group order.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+
+import h5py
+import numpy as np
+
+from fedtrain.data.federated_data import ClientId, Examples, num_examples_of
+from fedtrain.data.store import AtomicFile, FileStore, StoreError, validated
+
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def _open(path: str) -> h5py.File:
+    try:
+        return h5py.File(path, "r")
+    except OSError as err:
+        raise StoreError(f"{path} is not a readable HDF5 file ({err}); it is corrupt or truncated: "
+                         "download or convert it again.") from err
+
+
+def _plain(arr: np.ndarray) -> np.ndarray:
+    """Drops h5py's string metadata so object arrays are plain ``dtype=object`` arrays of bytes."""
+    if isinstance(arr, np.ndarray) and arr.dtype.kind == "O":
+        out = np.empty(arr.shape, dtype=object)
+        out[...] = arr
+        return out
+    return np.asarray(arr)
+
+
+class TFFHDF5Data(FileStore):
+    """A TFF HDF5 file (``examples/<client_id>/<feature>``) as ``FederatedData``."""
+
+    format_name = "tff-hdf5"
+
+    def __init__(self, path: str | os.PathLike):
+        super().__init__(path)
+        f = self._handle()
+        if "examples" not in f or not isinstance(f["examples"], h5py.Group):
+            raise StoreError(f"{self.path} has no group 'examples' (top level: {sorted(f.keys())[:10]}); "
+                             "it is not a TFF HDF5 file (examples/<client_id>/<feature>).")
+        try:
+            self._ids = list(f["examples"].keys())
+        except (OSError, RuntimeError, KeyError) as err:
+            raise StoreError(f"{self.path}: cannot list clients ({err}); the file is corrupt or truncated.") from err
+        self._size_cache: dict[ClientId, int] = {}
+
+    def _open_handle(self):
+        return _open(self.path)
+
+    def _group(self, client_id: ClientId) -> h5py.Group:
+        try:
+            group = self._handle()["examples"][client_id]
+        except (OSError, RuntimeError) as err:
+            raise StoreError(f"{self.path}: reading client {client_id!r} failed ({err}); the file is corrupt "
+                             "or truncated: download or convert it again.") from err
+        if not isinstance(group, h5py.Group):
+            raise StoreError(f"{self.path}: examples/{client_id} is a dataset, expected a group of features.")
+        return group
+
+    def _raw_size(self, client_id: ClientId) -> int:
+        size = self._size_cache.get(client_id)
+        if size is None:
+            group = self._group(client_id)
+            shapes = {name: group[name].shape for name in group}
+            size = num_examples_of({k: np.empty(s[:1] or ()) for k, s in shapes.items()},
+                                   where=f"client {client_id!r} of {self.path}")
+            self._size_cache[client_id] = size
+        return size
+
+    def _read(self, client_id: ClientId) -> Examples:
+        group = self._group(client_id)
+        try:
+            examples = {name: _plain(group[name][()]) for name in group}
+        except (OSError, RuntimeError) as err:
+            raise StoreError(f"{self.path}: reading client {client_id!r} failed ({err}); the file is corrupt "
+                             "or truncated: download or convert it again.") from err
+        num_examples_of(examples, where=f"client {client_id!r} of {self.path}")
+        return examples
+
+
+class TFFHDF5Writer:
+    """Writes a TFF HDF5 file: ``add(client_id, examples)``, then ``close()`` (or use ``with``)."""
+
+    def __init__(self, path: str | os.PathLike, *, overwrite: bool = False, compression: str | None = None):
+        self._file = AtomicFile(path, overwrite)
+        self.path = self._file.path
+        self._h5 = h5py.File(self._file.partial, "w")
+        self._examples = self._h5.create_group("examples")
+        self._compression = compression
+
+    def add(self, client_id: ClientId, examples: Mapping[str, np.ndarray]) -> None:
+        client_id = str(client_id)
+        if "/" in client_id or client_id in (".", ""):
+            raise ValueError(f"client id {client_id!r} cannot be an HDF5 group name; ids must not contain '/'.")
+        if client_id in self._examples:
+            raise ValueError(f"client id {client_id!r} is written twice to {self.path}; client ids must be unique.")
+        arrays, _ = validated(client_id, examples, self.path)
+        group = self._examples.create_group(client_id)
+        for name, arr in arrays.items():
+            if arr.dtype.kind in "OU":
+                items = [v if isinstance(v, bytes) else str(v).encode("utf-8") for v in arr.ravel().tolist()]
+                data = np.empty(len(items), dtype=object)
+                data[:] = items
+                group.create_dataset(name, data=data.reshape(arr.shape), dtype=h5py.special_dtype(vlen=bytes))
+            else:
+                group.create_dataset(name, data=arr, compression=self._compression)
+
+    def add_many(self, items: Iterable[tuple[ClientId, Mapping[str, np.ndarray]]]) -> None:
+        for cid, ex in items:
+            self.add(cid, ex)
+
+    def close(self) -> None:
+        self._h5.close()
+        self._file.commit()
+
+    def abort(self) -> None:
+        self._h5.close()
+        self._file.abort()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *_):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def write_tff_hdf5(data, path: str | os.PathLike, *, overwrite: bool = False, compression: str | None = None) -> str:
+    """Writes every client of ``data`` (a FederatedData or ``{id: examples}``) to ``path``."""
+    items = data.items() if isinstance(data, Mapping) else ((c, data.get_client(c)) for c in data.client_ids)
+    with TFFHDF5Writer(path, overwrite=overwrite, compression=compression) as writer:
+        writer.add_many(items)
+    return os.fspath(path)
