@@ -24,7 +24,8 @@ from fedtrain.engine import BatchSpec, Engine, RoundPlan, build_round
 from fedtrain.engine.plan import FeatureSpec, feature_specs
 from fedtrain.evaluation import Evaluator
 from fedtrain.models.adapter import MASK_KEY, Model, from_nnx, loss_and_metrics
-from fedtrain.samplers import UniformSampler
+from fedtrain.samplers import UniformSampler, max_cohort
+from fedtrain.callbacks import hyperparams as _hp
 
 
 class FederatedTrainer:
@@ -68,19 +69,25 @@ class FederatedTrainer:
         self.train_data = train_data
         self.sampler = sampler or UniformSampler()
         self.seed = int(seed)
-        self.engine = Engine(self.model_fns, algorithm, backend, lanes)
         try:
             self.server_state = algorithm.init(self.model_fns.init_params)
         except Exception as e:
             raise TypeError(
                 f"algorithm {algorithm.name!r} cannot be initialised with the parameters of "
                 f"{self.model_fns.name}: {type(e).__name__}: {e}") from e
+        # Client optimizers built with optax.inject_hyperparams get their values from the host each
+        # round (as inputs of the compiled round), so schedules change them without recompiling.
+        self.client_hyperparams = _hp.client_hyperparams(self.model_fns, algorithm, self.server_state)
+        engine_algorithm = _hp.with_client_hyperparams(algorithm) if self.client_hyperparams else algorithm
+        self.engine = Engine(self.model_fns, engine_algorithm, backend, lanes)
         self.client_states = (ClientStateStore(algorithm.client_state_init(self.model_fns.init_params))
                               if algorithm.client_state_init is not None else None)
         self.round = 0  # rounds completed
         self.stop_training = False
         self.history = History()
         self.last_round_info: dict[str, Any] = {}
+        self.callbacks: CallbackList | None = None
+        self._clients_per_round: int | None = None
         self._evaluator = Evaluator(self.model_fns)
 
     # ------------------------------------------------------------------ properties
@@ -92,6 +99,62 @@ class FederatedTrainer:
     @property
     def backend(self) -> str:
         return self.engine.backend
+
+    @property
+    def clients_per_round(self) -> int | None:
+        """Cohort size of the coming rounds; a callback may change it in ``on_round_begin``."""
+        return self._clients_per_round
+
+    @clients_per_round.setter
+    def clients_per_round(self, k: int) -> None:
+        if int(k) < 1:
+            raise ValueError(f"clients_per_round must be >= 1, got {k}.")
+        self._clients_per_round = int(k)
+
+    @property
+    def hyperparams(self) -> dict[str, float]:
+        """Injected hyperparameters: server ones as ``name``, client ones as ``client_name``."""
+        out = _hp.server_values(self.server_state)
+        out.update({f"client_{k}": float(v) for k, v in self.client_hyperparams.items()})
+        return out
+
+    def set_hyperparam(self, name: str, value: float, *, target: str = "server") -> None:
+        """Sets an injected hyperparameter (e.g. ``learning_rate``) of the server or client optimizer.
+
+        The optimizer must be built with ``optax.inject_hyperparams``; the new value is an input
+        of the compiled round, so nothing recompiles.
+        """
+        if target == "server":
+            self.server_state = _hp.set_server_value(self.server_state, name, value)
+        elif target == "client":
+            if name not in self.client_hyperparams:
+                raise ValueError(
+                    f"the client optimizer has no injected hyperparameter {name!r} "
+                    f"(has {sorted(self.client_hyperparams)}); build client_tx with "
+                    f"optax.inject_hyperparams(optax.sgd)(learning_rate=...).")
+            self.client_hyperparams[name] = np.asarray(value, self.client_hyperparams[name].dtype)
+        else:
+            raise ValueError(f"target must be 'server' or 'client', got {target!r}.")
+
+    def get_hyperparam(self, name: str, *, target: str = "server") -> float:
+        """The current value of an injected hyperparameter of the server or client optimizer."""
+        if target == "client":
+            if name not in self.client_hyperparams:
+                raise ValueError(f"the client optimizer has no injected hyperparameter {name!r} "
+                                 f"(has {sorted(self.client_hyperparams)}).")
+            return float(self.client_hyperparams[name])
+        values = _hp.server_values(self.server_state)
+        if name not in values:
+            raise ValueError(f"the server optimizer has no injected hyperparameter {name!r} (has {sorted(values)}); "
+                             "build server_tx with optax.inject_hyperparams(...).")
+        return values[name]
+
+    def restore(self, directory, step: int | None = None) -> int:
+        """Loads the checkpoint of ``step`` (default: the newest good one) from an OrbaxCheckpoint
+        directory; returns the number of completed rounds it holds."""
+        from fedtrain.callbacks.checkpoint import restore_trainer
+
+        return restore_trainer(self, directory, step)
 
     def update_module(self) -> nnx.Module | None:
         """Writes the current parameters into the nnx module given to the constructor, and returns it."""
@@ -134,7 +197,7 @@ class FederatedTrainer:
         population = _Population.of(data, spec)
         if clients_per_round < 1:
             raise ValueError(f"clients_per_round must be >= 1, got {clients_per_round}.")
-        if clients_per_round > population.size:
+        if max_cohort(self.sampler, population.size, clients_per_round) > population.size:
             raise ValueError(
                 f"clients_per_round={clients_per_round} is larger than the {population.size} clients with data; "
                 f"use clients_per_round <= {population.size}.")
@@ -150,7 +213,10 @@ class FederatedTrainer:
                   "batch_size": spec.batch_size, "local_epochs": spec.local_epochs, "local_steps": spec.local_steps,
                   "num_clients": population.size, "backend": self.backend, "algorithm": self.algorithm.name}
         callback_list = CallbackList(cbs, self, params)
+        self.callbacks = callback_list
         self.stop_training = False
+        if verbose:
+            _print_overview(self.params)
         self._clients_per_round = int(clients_per_round)
         feeder = _RoundFeeder(self, data, population, spec)
         val_rounds = _validation_rounds(validation_freq)
@@ -165,7 +231,7 @@ class FederatedTrainer:
                 plan, device_batch = feeder.get(r, self._clients_per_round)
                 if r + 1 < rounds:
                     feeder.prefetch(r + 1, self._clients_per_round)
-                callback_list.on_clients_sampled(r, plan.client_ids)
+                callback_list.on_clients_sampled(r, list(plan.client_ids))
                 logs = self._run_round(r, plan, device_batch, callback_list)
                 if validation_data is not None and val_rounds(r + 1, rounds):
                     val = self.evaluate(validation_data, batch_size=validation_batch_size, callbacks=callback_list)
@@ -187,8 +253,13 @@ class FederatedTrainer:
             lanes, slots = plan.batch.weights.shape
             client_states = jax.tree.map(jax.numpy.asarray, self.client_states.gather(
                 plan.client_ids, plan.placement, lanes, slots))
-        out = self.engine.run(self.server_state, plan, device_batch, client_states, round_key)
-        self.server_state = out.server_state
+        if self.client_hyperparams:
+            state_in = _hp.WithClientHyperparams(self.server_state, dict(self.client_hyperparams))
+            out = self.engine.run(state_in, plan, device_batch, client_states, round_key)
+            self.server_state = out.server_state.state
+        else:
+            out = self.engine.run(self.server_state, plan, device_batch, client_states, round_key)
+            self.server_state = out.server_state
         if self.client_states is not None:
             self.client_states.scatter(plan.client_ids, plan.placement, jax.device_get(out.client_states))
         metric_sums, extras, client_metrics = jax.device_get((out.metric_sums, out.extras, out.client_metrics))
@@ -202,9 +273,10 @@ class FederatedTrainer:
                 logs[name] = float(value)
         self.last_round_info = {"padding_efficiency": plan.padding_efficiency, "client_ids": plan.client_ids,
                                 "compilations": self.engine.compilations}
-        if not math.isfinite(logs.get("loss", 0.0)):
+        if plan.client_ids and not math.isfinite(logs.get("loss", 0.0)):
             bad = [cid for cid, pos in zip(plan.client_ids, plan.placement)
                    if not np.isfinite(client_metrics["loss_sum"][pos])]
+            self.last_round_info["nonfinite_clients"] = bad
             warnings.warn(f"round {r + 1}: the training loss is {logs['loss']}; clients with a non-finite loss: "
                           f"{bad}. Lower the learning rate or check these clients' data "
                           "(TerminateOnNaN stops training here).", RuntimeWarning, stacklevel=3)
@@ -245,6 +317,7 @@ class FederatedTrainer:
             "seed": self.seed,
             "algorithm": self.algorithm.name,
             "history": self.history.state_dict(),
+            "client_hyperparams": {k: float(v) for k, v in self.client_hyperparams.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -264,6 +337,9 @@ class FederatedTrainer:
         if self.client_states is not None and state.get("client_states") is not None:
             self.client_states.load_state_dict(state["client_states"])
         self.round = int(state["round"])
+        for name, value in (state.get("client_hyperparams") or {}).items():
+            if name in self.client_hyperparams:
+                self.client_hyperparams[name] = np.asarray(value, self.client_hyperparams[name].dtype)
         if state.get("history") is not None:
             self.history.load_state_dict(state["history"])
 
@@ -295,6 +371,18 @@ def _abstract_batch(specs: dict[str, FeatureSpec], batch_size: int) -> dict[str,
     batch = {k: jax.ShapeDtypeStruct((batch_size,) + s.shape, s.dtype) for k, s in specs.items()}
     batch[MASK_KEY] = jax.ShapeDtypeStruct((batch_size,), jnp.float32)
     return batch
+
+
+def _print_overview(params) -> None:
+    """Prints a table of the model's parameters (names, shapes, sizes, mean/std) and their total."""
+    from clu import parameter_overview
+
+    try:
+        flat = {"/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in p): np.asarray(v)
+                for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+        print(parameter_overview.get_parameter_overview(flat, include_stats=True), flush=True)
+    except Exception as e:  # the overview is informational; never block training on it
+        print(f"(no parameter overview: {type(e).__name__}: {e})", flush=True)
 
 
 def _validation_rounds(freq: int | Sequence[int]):
@@ -368,9 +456,16 @@ class _RoundFeeder:
     def _build(self, r: int, k: int):
         t = self.trainer
         pop = self.population
-        idx = np.asarray(t.sampler.sample(t.seed, r, pop.size, k))
+        sampler = t.sampler
+        if hasattr(sampler, "bind"):
+            sampler.bind(pop.ids, pop.sizes)
+        capacity = max_cohort(sampler, pop.size, k)
+        idx = np.asarray(sampler.sample(t.seed, r, pop.size, k), np.int64).reshape(-1)
+        if idx.size > capacity:
+            raise ValueError(f"round {r + 1}: sampler {sampler!r} returned {idx.size} clients, more than its "
+                             f"max_cohort {capacity}.")
         ids = [pop.ids[i] for i in idx]
-        layout = t.engine.layout(pop.steps, k)
+        layout = t.engine.layout(pop.steps, capacity)
         plan = build_round(self.data, ids, idx, pop.sizes[idx], self.spec, layout, t._feature_specs, t.seed, r)
         device_batch = None if t.backend == "debug" else jax.device_put(plan.batch)
         return plan, device_batch

@@ -86,6 +86,13 @@ class History(Callback):
         self.rounds = list(state["rounds"])
         self.history = {k: list(v) for k, v in state["history"].items()}
 
+    def plot(self, path=None, *, keys=None, title: str | None = None):
+        """Learning curves (loss, metrics and their ``val_*``) in one figure; saved as PNG if ``path``
+        is given. Needs matplotlib (``pip install fedtrain[plots]``). Returns the figure."""
+        from fedtrain.callbacks.plots import plot_curves
+
+        return plot_curves(self.rounds, self.history, path, keys=keys, title=title)
+
 
 class LambdaCallback(Callback):
     """A callback from plain functions, e.g. ``LambdaCallback(on_round_end=lambda r, logs: ...)``."""
@@ -119,15 +126,18 @@ class CallbackList:
         for cb in callbacks:
             if not isinstance(cb, Callback):
                 raise TypeError(f"callbacks must be fedtrain.callbacks.Callback instances; got {type(cb).__name__}.")
+        # History runs last; callbacks that save the round's state (``runs_late``) just before it,
+        # so they see the logs as every other callback left them.
         histories = [cb for cb in callbacks if isinstance(cb, History)]
-        self.callbacks = [cb for cb in callbacks if not isinstance(cb, History)] + histories
+        rest = [cb for cb in callbacks if not isinstance(cb, History)]
+        late = [cb for cb in rest if getattr(cb, "runs_late", False)]
+        self.callbacks = [cb for cb in rest if cb not in late] + late + histories
         for cb in self.callbacks:
             cb.set_trainer(trainer)
             cb.set_params(params)
 
     def wants(self, hook: str) -> bool:
-        return any(cb.wants(hook) if isinstance(cb, LambdaCallback) else overrides(cb, hook)
-                   for cb in self.callbacks)
+        return any(cb.wants(hook) if hasattr(cb, "wants") else overrides(cb, hook) for cb in self.callbacks)
 
     def __getattr__(self, hook: str):
         if not hook.startswith("on_"):

@@ -1,0 +1,480 @@
+"""OrbaxCheckpoint and BackupAndRestore: save rounds with orbax, resume exactly after a crash.
+
+A checkpoint step is the number of completed rounds. It holds the server state
+(parameters and server optimizer state), the per-client states of stateful
+algorithms, and JSON metadata: completed rounds, seed, fedtrain version,
+algorithm, model structure, History, client hyperparameters, the state of
+callbacks that have one, and a SHA-256 of all arrays. Samplers and per-round
+randomness are pure functions of (seed, round), so restoring a step and running
+the remaining rounds gives exactly the results of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import math
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from fedtrain.callbacks.base import Callback, History
+from fedtrain.callbacks.early_stopping import monitor_mode
+
+FORMAT_VERSION = 1
+log = logging.getLogger("fedtrain")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written or read."""
+
+
+class CheckpointMismatchError(CheckpointError, ValueError):
+    """A checkpoint was written by a different model, algorithm or client state layout."""
+
+
+def _ocp():
+    import orbax.checkpoint as ocp
+
+    return ocp
+
+
+# ---------------------------------------------------------------------- what is saved
+def _structure(tree) -> list[list]:
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return [[jax.tree_util.keystr(p), list(np.shape(x)), str(np.asarray(x).dtype if not hasattr(x, "dtype")
+                                                              else x.dtype)] for p, x in flat]
+
+
+def _checksum(server_state, client_rows: dict[str, np.ndarray] | None) -> str:
+    h = hashlib.sha256()
+    for x in jax.tree.leaves(server_state):
+        a = np.ascontiguousarray(np.asarray(x))
+        h.update(str(a.dtype).encode() + str(a.shape).encode())
+        h.update(a.tobytes())
+    for name in sorted(client_rows or {}):
+        a = np.ascontiguousarray(client_rows[name])
+        h.update(name.encode() + str(a.dtype).encode() + str(a.shape).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _stack_clients(trainer) -> tuple[list[str], dict[str, np.ndarray] | None]:
+    if trainer.client_states is None or len(trainer.client_states) == 0:
+        return [], None
+    rows = trainer.client_states.state_dict()
+    ids = list(rows)
+    n = len(rows[ids[0]])
+    return ids, {f"leaf_{i:04d}": np.stack([rows[c][i] for c in ids]) for i in range(n)}
+
+
+def _callback_states(trainer) -> dict[str, Any]:
+    out = {}
+    for i, cb in enumerate(getattr(trainer.callbacks, "callbacks", []) or []):
+        if isinstance(cb, History) or not hasattr(cb, "state_dict"):
+            continue
+        out[f"{i}:{type(cb).__name__}"] = cb.state_dict()
+    return out
+
+
+def _history_with(trainer, round_index: int, logs: dict) -> dict:
+    h = History()
+    h.load_state_dict(trainer.history.state_dict())
+    if not h.rounds or h.rounds[-1] != round_index:
+        h.on_round_end(round_index, dict(logs))
+    return h.state_dict()
+
+
+def _metadata(trainer, completed: int, history: dict, client_ids: list[str], client_rows, extra: dict) -> dict:
+    from fedtrain import __version__
+
+    client_structure = None
+    if trainer.client_states is not None:
+        client_structure = _structure(trainer.client_states.get("__none__"))
+    return {
+        "format": FORMAT_VERSION,
+        "fedtrain_version": __version__,
+        "round": int(completed),
+        "seed": int(trainer.seed),
+        "algorithm": trainer.algorithm.name,
+        "model": getattr(trainer.model_fns, "name", None),
+        "structure": _structure(trainer.server_state),
+        "client_structure": client_structure,
+        "client_ids": client_ids,
+        "client_hyperparams": {k: float(v) for k, v in trainer.client_hyperparams.items()},
+        "history": history,
+        "callbacks": _callback_states(trainer),
+        "checksum": _checksum(trainer.server_state, client_rows),
+        **extra,
+    }
+
+
+# ---------------------------------------------------------------------- reading
+def _steps(directory: Path) -> list[int]:
+    if not directory.is_dir():
+        return []
+    steps = [int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit()]
+    return sorted(set(steps))
+
+
+def _read_metadata(step_dir: Path) -> dict:
+    import json
+
+    path = step_dir / "metadata" / "metadata"
+    if not path.exists():
+        raise CheckpointError(f"{step_dir} has no metadata file")
+    return json.loads(path.read_text())
+
+
+def _check_compatible(trainer, meta: dict, where: Path) -> None:
+    fmt = meta.get("format")
+    if not isinstance(fmt, int):
+        raise CheckpointError(f"{where}: metadata has no format number")
+    if fmt > FORMAT_VERSION:
+        raise CheckpointMismatchError(
+            f"{where} was written in checkpoint format {fmt} by fedtrain {meta.get('fedtrain_version')}; this "
+            f"fedtrain reads format <= {FORMAT_VERSION}. Upgrade fedtrain to restore it.")
+    problems = []
+    if meta.get("algorithm") != trainer.algorithm.name:
+        problems.append(f"algorithm: saved {meta.get('algorithm')!r}, this trainer {trainer.algorithm.name!r}")
+    model = getattr(trainer.model_fns, "name", None)
+    if meta.get("model") and model and meta["model"] != model:
+        problems.append(f"model: saved {meta['model']!r}, this trainer {model!r}")
+    problems += _diff_structure("server state", meta.get("structure") or [], _structure(trainer.server_state))
+    here = None if trainer.client_states is None else _structure(trainer.client_states.get("__none__"))
+    saved = meta.get("client_structure")
+    if (saved is None) != (here is None):
+        problems.append(f"client state: saved {'none' if saved is None else 'per-client state'}, this algorithm "
+                        f"{'has none' if here is None else 'keeps per-client state'}")
+    elif saved is not None:
+        problems += _diff_structure("client state", saved, here)
+    if problems:
+        raise CheckpointMismatchError(
+            f"the checkpoint {where} does not fit this trainer:\n  - " + "\n  - ".join(problems[:12])
+            + ("\n  - ..." if len(problems) > 12 else "")
+            + "\nRestore it into the model and algorithm that wrote it, or use another checkpoint directory.")
+
+
+def _diff_structure(what: str, saved: list, here: list) -> list[str]:
+    saved_d = {p: (tuple(s), d) for p, s, d in saved}
+    here_d = {p: (tuple(s), d) for p, s, d in here}
+    out = []
+    for p in saved_d.keys() - here_d.keys():
+        out.append(f"{what} {p}: in the checkpoint, not in this trainer")
+    for p in here_d.keys() - saved_d.keys():
+        out.append(f"{what} {p}: in this trainer, not in the checkpoint")
+    for p in saved_d.keys() & here_d.keys():
+        if saved_d[p] != here_d[p]:
+            (s1, d1), (s2, d2) = saved_d[p], here_d[p]
+            out.append(f"{what} {p}: saved {d1}{list(s1)}, this trainer {d2}{list(s2)}")
+    return sorted(out)
+
+
+def _load_step(trainer, directory: Path, step: int) -> dict:
+    """Reads and verifies one step; returns the trainer state dict it holds."""
+    ocp = _ocp()
+    step_dir = directory / str(step)
+    meta = _read_metadata(step_dir)
+    _check_compatible(trainer, meta, step_dir)
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, trainer.server_state)
+    handler = ocp.StandardCheckpointHandler()
+    ckptr = ocp.Checkpointer(handler)
+    try:
+        server_state = ckptr.restore(step_dir / "server_state", args=ocp.args.StandardRestore(abstract))
+        rows = None
+        if meta.get("client_ids"):
+            rows = ckptr.restore(step_dir / "client_states", args=ocp.args.StandardRestore())
+            rows = {k: np.asarray(v) for k, v in rows.items()}
+    finally:
+        ckptr.close()
+    if _checksum(server_state, rows) != meta.get("checksum"):
+        raise CheckpointError(f"{step_dir}: the arrays do not match the checksum in the metadata")
+    client_states = None
+    if rows is not None:
+        names = sorted(rows)
+        client_states = {cid: [rows[n][i] for n in names] for i, cid in enumerate(meta["client_ids"])}
+    return {"server_state": server_state, "client_states": client_states, "round": meta["round"],
+            "seed": meta["seed"], "algorithm": meta["algorithm"], "history": meta.get("history"),
+            "client_hyperparams": meta.get("client_hyperparams"), "meta": meta}
+
+
+def _apply(trainer, state: dict) -> None:
+    meta = state.pop("meta")
+    if int(meta["seed"]) != trainer.seed:
+        warnings.warn(f"the checkpoint was written with seed {meta['seed']}, this trainer has seed {trainer.seed}; "
+                      "the remaining rounds follow this trainer's seed.", UserWarning, stacklevel=4)
+    if trainer.client_states is not None and state["client_states"] is None:
+        state["client_states"] = {}
+    trainer.load_state_dict(state)
+    cbs = getattr(trainer.callbacks, "callbacks", None) or []
+    saved = meta.get("callbacks") or {}
+    for i, cb in enumerate(cbs):
+        key = f"{i}:{type(cb).__name__}"
+        if key in saved and hasattr(cb, "load_state_dict") and not isinstance(cb, History):
+            cb.load_state_dict(saved[key])
+
+
+def _set_aside(directory: Path, step: int) -> None:
+    src = directory / str(step)
+    dst = directory / f"{step}.corrupt"
+    i = 1
+    while dst.exists():
+        dst = directory / f"{step}.corrupt{i}"
+        i += 1
+    try:
+        src.rename(dst)
+    except OSError:
+        pass
+
+
+def restore_latest(trainer, directory, step: int | None = None, *, set_aside: bool = False) -> dict | None:
+    """Restores ``step`` (or the newest readable step) into ``trainer``; returns its metadata or None.
+
+    An unreadable newest step is skipped with a warning (and, with ``set_aside``, renamed
+    ``<step>.corrupt`` so it is never overwritten or read again). A step written by a different
+    model or algorithm raises :class:`CheckpointMismatchError`; nothing on disk changes.
+    """
+    directory = Path(directory)
+    steps = _steps(directory)
+    if step is not None:
+        if int(step) not in steps:
+            raise CheckpointError(f"no checkpoint for step {step} in {directory} (steps: {steps})")
+        state = _load_step(trainer, directory, int(step))
+        meta = state["meta"]
+        _apply(trainer, state)
+        return meta
+    bad = []
+    for s in reversed(steps):
+        try:
+            state = _load_step(trainer, directory, s)
+        except CheckpointMismatchError:
+            raise
+        except Exception as e:  # unreadable, truncated or altered: fall back to the previous step
+            bad.append(s)
+            warnings.warn(f"checkpoint {directory / str(s)} is unreadable ({type(e).__name__}: {e}); "
+                          "falling back to the previous one.", RuntimeWarning, stacklevel=3)
+            continue
+        meta = state["meta"]
+        _apply(trainer, state)
+        if set_aside:
+            for b in bad:
+                _set_aside(directory, b)
+        return meta
+    if bad and set_aside:
+        for b in bad:
+            _set_aside(directory, b)
+    return None
+
+
+def restore_trainer(trainer, directory, step: int | None = None) -> int:
+    """``trainer.restore``: loads a checkpoint (newest good one by default); returns completed rounds."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint directory {directory} does not exist")
+    meta = restore_latest(trainer, directory, step)
+    if meta is None:
+        raise CheckpointError(f"no readable checkpoint in {directory}")
+    return int(meta["round"])
+
+
+def latest_step(directory) -> int | None:
+    """The newest finished step in an OrbaxCheckpoint directory (None if there is none)."""
+    steps = _steps(Path(directory))
+    return steps[-1] if steps else None
+
+
+# ---------------------------------------------------------------------- the callbacks
+class OrbaxCheckpoint(Callback):
+    """Saves training state with an orbax ``CheckpointManager`` and resumes from it.
+
+    ``every_rounds``: save after every that many completed rounds (and after the last
+    round, or when training stops early). ``max_to_keep``: newest steps kept on disk
+    (``None`` keeps all). ``save_best_only``: save only when ``monitor`` improves
+    (``mode`` ``'min'``, ``'max'`` or ``'auto'``). ``async_save``: write in the
+    background while the next rounds run. ``resume``: at train begin, restore the
+    newest good checkpoint in ``directory`` (so rerunning a script continues it) unless the
+    trainer already holds trained state (a second ``fit``, or after ``trainer.restore``).
+    A round whose loss is not finite is never saved.
+    """
+
+    runs_late = True
+
+    def __init__(self, directory: str | os.PathLike, *, every_rounds: int = 1, max_to_keep: int | None = 3,
+                 save_best_only: bool = False, monitor: str | None = None, mode: str = "auto",
+                 async_save: bool = True, resume: bool = True, verbose: int = 0) -> None:
+        super().__init__()
+        if int(every_rounds) < 1:
+            raise ValueError(f"every_rounds must be >= 1, got {every_rounds}.")
+        if max_to_keep is not None and int(max_to_keep) < 1:
+            raise ValueError(f"max_to_keep must be >= 1 or None, got {max_to_keep}.")
+        if save_best_only and not monitor:
+            raise ValueError("save_best_only=True needs monitor= (e.g. monitor='val_loss'): "
+                             "without it there is no 'best' to keep.")
+        self.directory = Path(directory).absolute()
+        self.every_rounds = int(every_rounds)
+        self.max_to_keep = None if max_to_keep is None else int(max_to_keep)
+        self.save_best_only = bool(save_best_only)
+        self.monitor = monitor
+        self.mode = monitor_mode(monitor or "", mode)
+        self.async_save = bool(async_save)
+        self.resume = bool(resume)
+        self.verbose = int(verbose)
+        self.best: float | None = None
+        self.restored_round: int | None = None
+        self._manager = None
+        self._warned_missing = False
+
+    # -------------------------------------------------------------- lifecycle
+    def _check_writable(self) -> None:
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            probe = self.directory / f".write-test-{os.getpid()}"
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as e:
+            raise CheckpointError(f"checkpoint directory {self.directory} is not writable: "
+                                  f"{e.strerror or e}. Choose a writable directory.") from e
+
+    def _open(self):
+        ocp = _ocp()
+        self._check_writable()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=self.max_to_keep, create=True, cleanup_tmp_directories=True,
+            enable_async_checkpointing=self.async_save)
+        self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                              item_names=("server_state", "client_states", "metadata"))
+
+    def on_train_begin(self, logs=None) -> None:
+        self.restored_round = None
+        if self.resume and self.trainer.round == 0 and _steps(self.directory):
+            meta = restore_latest(self.trainer, self.directory, set_aside=True)
+            if meta is not None:
+                self.restored_round = int(meta["round"])
+                best = meta.get("best")
+                if best and best.get("monitor") == self.monitor:
+                    self.best = best.get("value")
+                log.info("restored %s (round %d)", self.directory, self.restored_round)
+                if self.verbose:
+                    print(f"Restored checkpoint {self.directory} at round {self.restored_round}.", flush=True)
+        self._open()
+
+    def on_round_end(self, round: int, logs=None) -> None:
+        logs = logs or {}
+        completed = round + 1
+        last = completed >= int(self.params.get("rounds", completed)) or self.trainer.stop_training
+        if completed % self.every_rounds and not last:
+            return
+        if not _finite_round(logs):
+            warnings.warn(f"round {completed}: the loss is not finite, so it is not saved; the newest checkpoint "
+                          f"in {self.directory} is round {latest_step(self.directory)}.", RuntimeWarning,
+                          stacklevel=2)
+            return
+        if self.save_best_only:
+            value = logs.get(self.monitor)
+            if value is None:
+                if not self._warned_missing:
+                    self._warned_missing = True
+                    warnings.warn(f"OrbaxCheckpoint: can save best only with {self.monitor!r} available, "
+                                  f"skipping (available: {sorted(logs)}).", RuntimeWarning, stacklevel=2)
+                return
+            value = float(value)
+            better = (self.best is None or (value < self.best if self.mode == "min" else value > self.best))
+            if not (math.isfinite(value) and better):
+                return
+            self.best = value
+        self._save(round, logs)
+
+    def _save(self, round: int, logs: dict) -> None:
+        ocp = _ocp()
+        trainer = self.trainer
+        completed = round + 1
+        ids, rows = _stack_clients(trainer)
+        extra = {"best": {"monitor": self.monitor, "value": self.best} if self.monitor else None}
+        meta = _metadata(trainer, completed, _history_with(trainer, round, logs), ids, rows, extra)
+        items = {"server_state": ocp.args.StandardSave(trainer.server_state),
+                 "metadata": ocp.args.JsonSave(meta)}
+        if rows is not None:
+            items["client_states"] = ocp.args.StandardSave(rows)
+        try:
+            if completed in (self._manager.all_steps() or []):
+                self._manager.delete(completed)
+            self._manager.save(completed, args=ocp.args.Composite(**items), force=True)
+        except Exception as e:
+            raise self._write_error(completed, e) from e
+        if self.verbose:
+            print(f"Round {completed}: saved checkpoint to {self.directory}.", flush=True)
+
+    def _write_error(self, completed: int, e: BaseException) -> CheckpointError:
+        cause = e
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__cause__ or cause.__context__
+        if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
+            hint = "the disk is full; free space or lower max_to_keep"
+        elif isinstance(cause, OSError) and cause.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            hint = "the directory is not writable"
+        else:
+            hint = f"{type(e).__name__}: {e}"
+        return CheckpointError(f"could not save round {completed} to {self.directory}: {hint}.")
+
+    def wait_until_finished(self) -> None:
+        """Blocks until any background save is on disk."""
+        if self._manager is not None:
+            try:
+                self._manager.wait_until_finished()
+            except Exception as e:
+                raise self._write_error(self._manager.latest_step() or 0, e) from e
+
+    def on_train_end(self, logs=None) -> None:
+        if self._manager is not None:
+            try:
+                self.wait_until_finished()
+            finally:
+                self._manager.close()
+                self._manager = None
+
+    def state_dict(self) -> dict:
+        return {"best": self.best}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best = state.get("best")
+
+
+class BackupAndRestore(OrbaxCheckpoint):
+    """Keras ``BackupAndRestore``: keeps the newest state in ``backup_dir`` while training runs,
+    resumes from it after an interruption, and deletes it when training ends
+    (``delete_checkpoint=True``). ``save_freq`` is ``'round'``/``'epoch'`` or a number of rounds."""
+
+    def __init__(self, backup_dir: str | os.PathLike, save_freq: str | int = "round",
+                 delete_checkpoint: bool = True, async_save: bool = True) -> None:
+        if save_freq in ("round", "epoch"):
+            every = 1
+        elif isinstance(save_freq, int) and save_freq >= 1:
+            every = save_freq
+        else:
+            raise ValueError(f"save_freq must be 'round', 'epoch' or an integer >= 1, got {save_freq!r}.")
+        super().__init__(backup_dir, every_rounds=every, max_to_keep=1, async_save=async_save, resume=True)
+        self.delete_checkpoint = bool(delete_checkpoint)
+
+    def on_train_end(self, logs=None) -> None:
+        super().on_train_end(logs)
+        if self.delete_checkpoint and self.directory.exists():
+            shutil.rmtree(self.directory)
+
+
+def _finite_round(logs: dict) -> bool:
+    if logs.get("num_clients", 1.0) == 0.0:
+        return True
+    for key in ("loss", "update_norm"):
+        v = logs.get(key)
+        if v is not None and not math.isfinite(float(v)):
+            return False
+    return True
+
+
+__all__ = ["BackupAndRestore", "CheckpointError", "CheckpointMismatchError", "OrbaxCheckpoint", "latest_step"]

@@ -1,0 +1,156 @@
+"""TensorBoard logging with tensorboardX, and a reader for the event files it writes.
+
+Scalars go to two runs, ``<log_dir>/train`` and ``<log_dir>/validation`` (``val_loss``
+is written as ``loss`` in the validation run), at step ``round + 1``.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from fedtrain.callbacks.base import Callback, overrides
+
+_NOT_SCALARS = ("round_time",)
+
+
+class TensorBoard(Callback):
+    """Writes per-round scalars, client histograms, hyperparameters and (optionally) parameters.
+
+    - scalars: every numeric log, ``train/`` and ``validation/`` runs;
+    - ``client_histograms``: per-round histograms of the cohort's losses, update norms and sizes
+      (``clients/loss``...; fetching per-client results is then enabled);
+    - ``histogram_freq``: parameter histograms every that many rounds (0: never);
+    - hyperparameters of the algorithm and of ``fit`` as a TensorBoard HParams record.
+    """
+
+    def __init__(self, log_dir: str | os.PathLike = "logs", histogram_freq: int = 0, client_histograms: bool = True,
+                 write_hparams: bool = True, flush_secs: int = 30) -> None:
+        super().__init__()
+        if int(histogram_freq) < 0:
+            raise ValueError(f"histogram_freq must be >= 0, got {histogram_freq}.")
+        self.log_dir = Path(log_dir)
+        self.histogram_freq = int(histogram_freq)
+        self.client_histograms = bool(client_histograms)
+        self.write_hparams = bool(write_hparams)
+        self.flush_secs = int(flush_secs)
+        self._writers: dict[str, object] = {}
+
+    def wants(self, hook: str) -> bool:
+        if hook == "on_client_results":
+            return self.client_histograms
+        return overrides(self, hook)
+
+    def _writer(self, run: str):
+        w = self._writers.get(run)
+        if w is None:
+            from tensorboardX import SummaryWriter
+
+            w = SummaryWriter(str(self.log_dir / run), flush_secs=self.flush_secs)
+            self._writers[run] = w
+        return w
+
+    def on_train_begin(self, logs=None) -> None:
+        if self.write_hparams:
+            self._write_hparams()
+
+    def _write_hparams(self) -> None:
+        from tensorboardX.summary import hparams
+
+        hp = {}
+        algo = getattr(self.trainer, "algorithm", None)
+        for k, v in (getattr(algo, "hyperparams", None) or {}).items():
+            hp[k] = v
+        for k, v in (self.params or {}).items():
+            hp.setdefault(k, v)
+        hp = {k: (v if isinstance(v, (bool, str)) else float(v)) for k, v in hp.items()
+              if isinstance(v, (int, float, str, bool)) and v is not None}
+        exp, ssi, sei = hparams(hp, {"loss": 0.0})
+        fw = self._writer("train").file_writer
+        for s in (exp, ssi, sei):
+            fw.add_summary(s)
+
+    def on_round_end(self, round: int, logs=None) -> None:
+        step = round + 1
+        for key, value in (logs or {}).items():
+            if key in _NOT_SCALARS or not isinstance(value, (int, float)):
+                continue
+            if key.startswith("val_"):
+                self._writer("validation").add_scalar(key[4:], float(value), step)
+            else:
+                self._writer("train").add_scalar(key, float(value), step)
+        if self.histogram_freq and step % self.histogram_freq == 0:
+            w = self._writer("train")
+            for path, leaf in jax.tree_util.tree_flatten_with_path(self.trainer.params)[0]:
+                name = "params/" + "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+                w.add_histogram(name, np.asarray(leaf, np.float64).reshape(-1), step)
+
+    def on_client_results(self, round: int, client_ids, client_logs) -> None:
+        if not self.client_histograms or not client_logs:
+            return
+        w = self._writer("train")
+        for key in ("loss", "update_norm", "num_examples"):
+            values = np.asarray([c.get(key, np.nan) for c in client_logs], np.float64)
+            values = values[np.isfinite(values)]
+            if values.size:
+                w.add_histogram(f"clients/{key}", values, round + 1)
+
+    def on_train_end(self, logs=None) -> None:
+        for w in self._writers.values():
+            w.close()
+        self._writers = {}
+
+
+# ---------------------------------------------------------------------- reading event files
+def read_events(path: str | os.PathLike) -> Iterator:
+    """Yields the ``Event`` protos of one event file (TFRecord framing); a torn last record ends it."""
+    from tensorboardX.proto import event_pb2
+
+    with open(path, "rb") as f:
+        while True:
+            header = f.read(12)
+            if len(header) < 12:
+                return
+            (length,) = struct.unpack("<Q", header[:8])
+            data = f.read(length)
+            if len(data) < length or len(f.read(4)) < 4:
+                return
+            event = event_pb2.Event()
+            event.ParseFromString(data)
+            yield event
+
+
+def event_files(log_dir: str | os.PathLike) -> list[Path]:
+    return sorted(Path(log_dir).rglob("events.out.tfevents.*"))
+
+
+def read_scalars(log_dir: str | os.PathLike) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """``{run: {tag: [(step, value), ...]}}`` for every event file under ``log_dir``
+    (``run`` is the file's folder relative to ``log_dir``, e.g. ``train``); later writes of a step win."""
+    out: dict[str, dict[str, dict[int, float]]] = {}
+    root = Path(log_dir)
+    for path in event_files(root):
+        run = str(path.parent.relative_to(root)) if path.parent != root else "."
+        for event in read_events(path):
+            for v in event.summary.value:
+                if v.HasField("simple_value"):
+                    out.setdefault(run, {}).setdefault(v.tag, {})[int(event.step)] = float(v.simple_value)
+    return {run: {tag: sorted(d.items()) for tag, d in tags.items()} for run, tags in out.items()}
+
+
+def read_histograms(log_dir: str | os.PathLike) -> dict[str, dict[str, list[tuple[int, object]]]]:
+    """``{run: {tag: [(step, HistogramProto), ...]}}`` for every event file under ``log_dir``."""
+    out: dict[str, dict[str, list]] = {}
+    root = Path(log_dir)
+    for path in event_files(root):
+        run = str(path.parent.relative_to(root)) if path.parent != root else "."
+        for event in read_events(path):
+            for v in event.summary.value:
+                if v.HasField("histo"):
+                    out.setdefault(run, {}).setdefault(v.tag, []).append((int(event.step), v.histo))
+    return out
