@@ -20,6 +20,7 @@ from fedtrain.models.adapter import grad_and_metrics
 class ServerState(NamedTuple):
     params: Any
     opt_state: Any
+    aggregator: Any = ()
 
 
 class ClientLocal(NamedTuple):
@@ -38,8 +39,10 @@ def fedopt(
 ) -> Algorithm:
     """FedOpt with ``client_tx`` on clients and ``server_tx`` applied to the mean client delta."""
 
+    agg = aggregator or weighted_mean()
+
     def init(params):
-        return ServerState(params, server_tx.init(params))
+        return ServerState(params, server_tx.init(params), agg.init(params) if agg.stateful else ())
 
     def broadcast(state):
         return state.params
@@ -61,7 +64,7 @@ def fedopt(
 
     def server_update(state, mean_delta):
         updates, opt_state = server_tx.update(mean_delta, state.opt_state, state.params)
-        return ServerState(optax.apply_updates(state.params, updates), opt_state), {}
+        return state._replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state), {}
 
     return Algorithm(
         name=name,
@@ -72,7 +75,7 @@ def fedopt(
         client_final=client_final,
         server_update=server_update,
         params=lambda state: state.params,
-        aggregator=aggregator or weighted_mean(),
+        aggregator=agg,
         hyperparams=dict(hyperparams or {}),
     )
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedtrain.aggregators import global_norm
-from fedtrain.algorithms.base import Algorithm
+from fedtrain.algorithms.base import Algorithm, aggregator_state
 from fedtrain.engine.plan import RoundPlan
 from fedtrain.engine.round import RoundOutput, client_keys, finish_round
 from fedtrain.models.adapter import MASK_KEY, Model
@@ -23,7 +23,33 @@ def run_round_debug(model: Model, algorithm: Algorithm, server_state, plan: Roun
     b = plan.batch
     lanes, slots = b.weights.shape
     broadcast = algorithm.broadcast(server_state)
+    agg_state = aggregator_state(algorithm, server_state)
     train_key, contrib_key, server_key = client_keys(round_key)
+    pre = algorithm.prepass
+
+    def batch_of(lane, i):
+        batch = {k: jnp.asarray(v[lane, i]) for k, v in b.features.items()}
+        batch[MASK_KEY] = jnp.asarray(b.mask[lane, i])
+        return batch
+
+    def client_steps(lane, s):
+        return [i for i in range(int(b.num_steps[lane])) if b.slot[lane, i] == s]
+
+    def prepass_of(lane, steps):
+        acc = pre.init(model, broadcast)
+        for i in steps:
+            acc = pre.step(model, broadcast, acc, batch_of(lane, i))
+        return acc
+
+    if pre is not None and pre.cohort is not None:
+        total = None
+        for lane, s in plan.placement:
+            steps = client_steps(lane, s)
+            if steps:
+                acc = prepass_of(lane, steps)
+                total = acc if total is None else jax.tree.map(jnp.add, total, acc)
+        if total is not None:
+            broadcast = pre.cohort(broadcast, total)
     contrib_total = None
     metric_sums: dict = {}
     update_norm = np.zeros((lanes, slots), np.float32)
@@ -31,15 +57,17 @@ def run_round_debug(model: Model, algorithm: Algorithm, server_state, plan: Roun
     new_states = client_states
     for pos, (lane, s) in enumerate(plan.placement):
         cid = plan.client_ids[pos]
-        steps = [i for i in range(int(b.num_steps[lane])) if b.slot[lane, i] == s]
+        steps = client_steps(lane, s)
         if not steps:
             continue
         state = None if client_states is None else jax.tree.map(lambda x: x[lane, s], client_states)
-        local = algorithm.client_init(model, broadcast, state, jax.random.fold_in(train_key, pos))
+        init_args = (model, broadcast, state, jax.random.fold_in(train_key, pos))
+        if pre is not None and pre.cohort is None:
+            init_args = init_args + (prepass_of(lane, steps),)
+        local = algorithm.client_init(*init_args)
         sums = None
         for j, i in enumerate(steps):
-            batch = {k: jnp.asarray(v[lane, i]) for k, v in b.features.items()}
-            batch[MASK_KEY] = jnp.asarray(b.mask[lane, i])
+            batch = batch_of(lane, i)
             where = f"round {plan.round_index + 1}, client {cid!r} (cohort position {pos}), local step {j + 1}/{len(steps)}"
             try:
                 local, step_sums = algorithm.client_step(model, local, batch)
@@ -50,7 +78,8 @@ def run_round_debug(model: Model, algorithm: Algorithm, server_state, plan: Roun
                 raise ClientStepError(f"{where}: the loss is {loss_sum}; check this client's data and the learning rate.")
             sums = step_sums if sums is None else jax.tree.map(jnp.add, sums, step_sums)
         out = algorithm.client_final(model, broadcast, local, jnp.float32(b.weights[lane, s]))
-        c = algorithm.aggregator.contribution(out.update, out.weight, jax.random.fold_in(contrib_key, pos))
+        c = (algorithm.aggregator.contribution(out.update, out.weight, jax.random.fold_in(contrib_key, pos),
+                                               agg_state), out.stats)
         contrib_total = c if contrib_total is None else jax.tree.map(jnp.add, contrib_total, c)
         update_norm[lane, s] = float(global_norm(out.update))
         for name, (total, count) in sums.items():

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from fedtrain.aggregators import global_norm
-from fedtrain.algorithms.base import Algorithm
+from fedtrain.algorithms.base import Algorithm, aggregator_state, with_aggregator_state
 from fedtrain.engine.plan import partial_batch_buckets
 from fedtrain.models.adapter import MASK_KEY, Model
 
@@ -55,25 +55,69 @@ def client_keys(round_key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     return train_key, contrib_key, server_key
 
 
+def _batch_at(features, mask, i, size=None):
+    batch = {k: v[i] for k, v in features.items()}
+    batch[MASK_KEY] = mask[i]
+    return batch if size is None else {k: v[:size] for k, v in batch.items()}
+
+
+def client_prepass(model: Model, algorithm: Algorithm, broadcast, features, mask, start, stop):
+    """Folds ``algorithm.prepass.step`` over steps ``start .. stop-1`` (one client's batches)."""
+    pre = algorithm.prepass
+    return jax.lax.fori_loop(start, stop, lambda j, acc: pre.step(model, broadcast, acc, _batch_at(features, mask, j)),
+                             pre.init(model, broadcast))
+
+
+def make_cohort_prepass_fn(model: Model, algorithm: Algorithm):
+    """``lane(broadcast, features, mask, first, last, num_steps) -> sum over the lane's clients``."""
+    pre = algorithm.prepass
+
+    def lane(broadcast, features, mask, first, last, num_steps):
+        acc0 = pre.init(model, broadcast)
+
+        def body(i, carry):
+            acc, total = carry
+            acc = jax.tree.map(lambda a, z: jnp.where(first[i], z, a), acc, acc0)
+            acc = pre.step(model, broadcast, acc, _batch_at(features, mask, i))
+            total = jax.tree.map(lambda t, a: t + jnp.where(last[i], a, jnp.zeros_like(a)), total, acc)
+            return acc, total
+
+        return jax.lax.fori_loop(0, num_steps, body, (acc0, jax.tree.map(jnp.zeros_like, acc0)))[1]
+
+    return lane
+
+
+def _client_ends(last: jax.Array) -> jax.Array:
+    """For every step, one past the index of the last step of the client it belongs to."""
+    idx = jnp.arange(last.shape[0])
+    return jax.lax.cummin(jnp.where(last, idx, last.shape[0] - 1), reverse=True) + 1
+
+
 def make_lane_fn(model: Model, algorithm: Algorithm, bucketed: bool):
-    """``lane(broadcast, batch_lane, client_states_lane, keys) -> (contribution_sum, per_slot)``.
+    """``lane(broadcast, batch_lane, client_states_lane, keys, agg_state) -> (contribution_sum, per_slot)``.
 
     With ``bucketed`` (single lane), each step runs on the first ``partial_batch_buckets(B)[bucket]``
     examples of its batch, chosen by a device-side switch; the rest are padding.
     """
+    per_client_prepass = algorithm.prepass is not None and algorithm.prepass.cohort is None
 
     def lane(broadcast, features, mask, slot, first, last, bucket, num_steps, weights, positions, cstates,
-             train_key, contrib_key):
+             train_key, contrib_key, agg_state):
         def state_at(s):
             return None if cstates is None else _index(cstates, s)
 
-        def init_at(s):
-            return algorithm.client_init(model, broadcast, state_at(s), jax.random.fold_in(train_key, positions[s]))
+        ends = _client_ends(last) if per_client_prepass else None
+
+        def init_at(s, i=None):
+            args = (model, broadcast, state_at(s), jax.random.fold_in(train_key, positions[s]))
+            if per_client_prepass:
+                acc = (algorithm.prepass.init(model, broadcast) if i is None
+                       else client_prepass(model, algorithm, broadcast, features, mask, i, ends[i]))
+                args = args + (acc,)
+            return algorithm.client_init(*args)
 
         def batch_at(i, size=None):
-            batch = {k: v[i] for k, v in features.items()}
-            batch[MASK_KEY] = mask[i]
-            return batch if size is None else {k: v[:size] for k, v in batch.items()}
+            return _batch_at(features, mask, i, size)
 
         sizes = partial_batch_buckets(mask.shape[-1]) if bucketed else ()
 
@@ -87,7 +131,8 @@ def make_lane_fn(model: Model, algorithm: Algorithm, bucketed: bool):
         step_sums_shape = jax.eval_shape(lambda l: algorithm.client_step(model, l, batch_at(0))[1], local0)
         out_shape = jax.eval_shape(lambda l: algorithm.client_final(model, broadcast, l, weights[0]), local0)
         contrib_shape = jax.eval_shape(
-            lambda o: algorithm.aggregator.contribution(o.update, o.weight, contrib_key), out_shape)
+            lambda o: (algorithm.aggregator.contribution(o.update, o.weight, contrib_key, agg_state), o.stats),
+            out_shape)
         num_slots = weights.shape[0]
         per_slot0 = {
             "metric_sums": jax.tree.map(lambda s: jnp.zeros((num_slots,), s.dtype), step_sums_shape),
@@ -100,7 +145,7 @@ def make_lane_fn(model: Model, algorithm: Algorithm, bucketed: bool):
         def body(i, carry):
             local, sums, contrib, per_slot = carry
             s = slot[i]
-            local = jax.lax.cond(first[i], lambda: init_at(s), lambda: local)
+            local = jax.lax.cond(first[i], lambda: init_at(s, i), lambda: local)
             sums = jax.tree.map(lambda m: jnp.where(first[i], jnp.zeros_like(m), m), sums)
             local, step_sums = step(local, i)
             sums = _tree_add(sums, step_sums)
@@ -108,8 +153,9 @@ def make_lane_fn(model: Model, algorithm: Algorithm, bucketed: bool):
             def finish(args):
                 contrib, per_slot = args
                 out = algorithm.client_final(model, broadcast, local, weights[s])
-                c = algorithm.aggregator.contribution(out.update, out.weight,
-                                                      jax.random.fold_in(contrib_key, positions[s]))
+                c = (algorithm.aggregator.contribution(out.update, out.weight,
+                                                       jax.random.fold_in(contrib_key, positions[s]), agg_state),
+                     out.stats)
                 per_slot = dict(per_slot)
                 per_slot["metric_sums"] = _set(per_slot["metric_sums"], s, sums)
                 per_slot["update_norm"] = per_slot["update_norm"].at[s].set(global_norm(out.update))
@@ -130,20 +176,31 @@ def make_lane_fn(model: Model, algorithm: Algorithm, bucketed: bool):
 def make_round_fn(model: Model, algorithm: Algorithm, lanes: int, on_trace=None):
     """The whole round as one function of (server_state, batch, client_states, round_key)."""
     lane = make_lane_fn(model, algorithm, bucketed=lanes == 1)
+    cohort_prepass = algorithm.prepass is not None and algorithm.prepass.cohort is not None
 
     def round_fn(server_state, batch, client_states, round_key):
         if on_trace is not None:
             on_trace()
         broadcast = algorithm.broadcast(server_state)
+        agg_state = aggregator_state(algorithm, server_state)
         train_key, contrib_key, server_key = client_keys(round_key)
+        if cohort_prepass:
+            pre_args = (batch.features, batch.mask, batch.first, batch.last, batch.num_steps)
+            pre_lane = make_cohort_prepass_fn(model, algorithm)
+            if lanes == 1:
+                total = pre_lane(broadcast, *_index(pre_args, 0))
+            else:
+                total = jax.vmap(pre_lane, in_axes=(None,) + (0,) * len(pre_args))(broadcast, *pre_args)
+                total = jax.tree.map(lambda x: jnp.sum(x, axis=0), total)
+            broadcast = algorithm.prepass.cohort(broadcast, total)
         args = (batch.features, batch.mask, batch.slot, batch.first, batch.last, batch.bucket, batch.num_steps,
                 batch.weights, batch.positions, client_states)
         if lanes == 1:
-            contrib, per_slot = lane(broadcast, *_index(args, 0), train_key, contrib_key)
+            contrib, per_slot = lane(broadcast, *_index(args, 0), train_key, contrib_key, agg_state)
             per_slot = jax.tree.map(lambda x: x[None], per_slot)
         else:
-            in_axes = (None,) + (0,) * len(args) + (None, None)
-            contrib, per_slot = jax.vmap(lane, in_axes=in_axes)(broadcast, *args, train_key, contrib_key)
+            in_axes = (None,) + (0,) * len(args) + (None, None, None)
+            contrib, per_slot = jax.vmap(lane, in_axes=in_axes)(broadcast, *args, train_key, contrib_key, agg_state)
             contrib = jax.tree.map(lambda x: jnp.sum(x, axis=0), contrib)
         return finish_round(algorithm, server_state, contrib, per_slot, server_key)
 
@@ -152,8 +209,14 @@ def make_round_fn(model: Model, algorithm: Algorithm, lanes: int, on_trace=None)
 
 def finish_round(algorithm: Algorithm, server_state, contrib, per_slot, server_key) -> RoundOutput:
     """Aggregates the summed contributions and applies the server update."""
-    aggregate, agg_metrics = algorithm.aggregator.finalize(contrib, server_key)
-    new_state, server_metrics = algorithm.server_update(server_state, aggregate)
+    contrib, stats = contrib
+    aggregate, agg_state, agg_metrics = algorithm.aggregator.finalize(
+        contrib, server_key, aggregator_state(algorithm, server_state))
+    if jax.tree.leaves(stats):
+        new_state, server_metrics = algorithm.server_update(server_state, aggregate, stats)
+    else:
+        new_state, server_metrics = algorithm.server_update(server_state, aggregate)
+    new_state = with_aggregator_state(algorithm, new_state, agg_state)
     metric_sums = jax.tree.map(jnp.sum, per_slot["metric_sums"])
     client_metrics = {"update_norm": per_slot["update_norm"]}
     for name, (total, count) in per_slot["metric_sums"].items():
