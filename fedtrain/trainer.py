@@ -141,7 +141,8 @@ class FederatedTrainer:
         if target == "client":
             if name not in self.client_hyperparams:
                 raise ValueError(f"the client optimizer has no injected hyperparameter {name!r} "
-                                 f"(has {sorted(self.client_hyperparams)}).")
+                                 f"(has {sorted(self.client_hyperparams)}); build client_tx with "
+                                 f"optax.inject_hyperparams(optax.sgd)(learning_rate=...).")
             return float(self.client_hyperparams[name])
         values = _hp.server_values(self.server_state)
         if name not in values:
