@@ -12,7 +12,11 @@ from fedtrain.data.tf_example import ExampleParseError, parse_example, serialize
 
 
 def fedjax_reference_pack(tree):
-    """FedJAX's ``msgpack_serialize`` rules written out literally (fedjax/core/serialization.py)."""
+    """FedJAX's ``msgpack_serialize`` rules written out literally (fedjax/core/serialization.py).
+
+    FedJAX tests ``np.issctype(type(x))`` before ``complex``; with the numpy it pins (1.26) that is
+    true for Python ``complex``, so a Python complex is written as a numpy scalar (ext 3).
+    """
 
     def nd(arr):
         return msgpack.packb((arr.shape, arr.dtype.name, arr.tobytes("C")), use_bin_type=True)
@@ -22,10 +26,8 @@ def fedjax_reference_pack(tree):
             return msgpack.ExtType(4, msgpack.packb((x.shape, list(x.flatten())), use_bin_type=True))
         if isinstance(x, np.ndarray):
             return msgpack.ExtType(1, nd(x))
-        if isinstance(x, np.generic):
+        if isinstance(x, (np.generic, complex)):
             return msgpack.ExtType(3, nd(np.asarray(x)))
-        if isinstance(x, complex):
-            return msgpack.ExtType(2, msgpack.packb((x.real, x.imag)))
         return x
 
     return msgpack.packb(tree, default=default, strict_types=True)
@@ -66,6 +68,10 @@ def test_bfloat16_scalars_complex_and_bytes_arrays():
     assert back["scalar_f"] == np.float32(1.5) and back["scalar_f"].dtype == np.float32
     assert back["scalar_i"].dtype == np.int64 and back["scalar_b"].dtype == np.bool_
     assert back["native"] == [1, 2.5, "text", b"raw", None, True, 3 + 4j]
+    assert type(back["native"][-1]) is np.complex128
+    # Ext 2 (native complex), which FedJAX can read but does not write, still decodes.
+    ext2 = msgpack.packb([msgpack.ExtType(2, msgpack.packb((1.5, -2.0)))])
+    assert codec.msgpack_deserialize(ext2) == [complex(1.5, -2.0)]
 
 
 def test_golden_bytes():

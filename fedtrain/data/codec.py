@@ -4,7 +4,9 @@ A client is a dict ``feature -> np.ndarray`` packed with msgpack and these
 extension types, then ``zlib``-compressed in the SQLite ``data`` column:
 
 - 1 ndarray: ``msgpack((shape, dtype_name, C-order bytes))``; bfloat16 by name.
-- 2 native complex: ``msgpack((real, imag))``.
+- 2 native complex: ``msgpack((real, imag))``; read only. FedJAX writes a
+  Python ``complex`` as ext 3 (numpy's ``issctype`` accepts it), so this
+  module does too and it reads back as ``np.complex128``.
 - 3 numpy scalar: as ext 1 of a 0-d array, unpacked to a scalar.
 - 4 object ndarray of ``bytes``: ``msgpack((shape, [bytes, ...]))``.
 
@@ -80,10 +82,8 @@ def _ext_pack(x):
         return msgpack.ExtType(EXT_BYTES_NDARRAY, _bytes_ndarray_to_bytes(x))
     if isinstance(x, np.ndarray):
         return msgpack.ExtType(EXT_NDARRAY, _ndarray_to_bytes(x))
-    if isinstance(x, np.generic):
+    if isinstance(x, (np.generic, complex)):
         return msgpack.ExtType(EXT_NPSCALAR, _ndarray_to_bytes(np.asarray(x)))
-    if isinstance(x, complex):
-        return msgpack.ExtType(EXT_COMPLEX, msgpack.packb((x.real, x.imag)))
     if hasattr(x, "__array__"):  # jax.Array and friends
         return _ext_pack(np.asarray(x))
     raise CodecError(f"cannot encode a value of type {type(x).__name__}; use numpy arrays, bytes, str, int, float.")
