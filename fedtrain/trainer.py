@@ -252,8 +252,9 @@ class FederatedTrainer:
         client_states = None
         if self.client_states is not None:
             lanes, slots = plan.batch.weights.shape
-            client_states = jax.tree.map(jax.numpy.asarray, self.client_states.gather(
-                plan.client_ids, plan.placement, lanes, slots))
+            client_states = self.client_states.gather(plan.client_ids, plan.placement, lanes, slots)
+            client_states = (jax.tree.map(jax.numpy.asarray, client_states) if self.backend == "debug"
+                             else self.engine.put_lanes(client_states))
         if self.client_hyperparams:
             state_in = _hp.WithClientHyperparams(self.server_state, dict(self.client_hyperparams))
             out = self.engine.run(state_in, plan, device_batch, client_states, round_key)
@@ -467,8 +468,9 @@ class _RoundFeeder:
                              f"max_cohort {capacity}.")
         ids = [pop.ids[i] for i in idx]
         layout = t.engine.layout(pop.steps, capacity)
-        plan = build_round(self.data, ids, idx, pop.sizes[idx], self.spec, layout, t._feature_specs, t.seed, r)
-        device_batch = None if t.backend == "debug" else jax.device_put(plan.batch)
+        plan = build_round(self.data, ids, idx, pop.sizes[idx], self.spec, layout, t._feature_specs, t.seed, r,
+                           local_lanes=t.engine.local_lanes(layout.lanes))
+        device_batch = None if t.backend == "debug" else t.engine.put_lanes(plan.batch)
         return plan, device_batch
 
     def prefetch(self, r: int, k: int) -> None:

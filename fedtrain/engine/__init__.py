@@ -2,23 +2,31 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
+import numpy as np
 
 from fedtrain.algorithms.base import Algorithm, RunInfo, bound
 from fedtrain.engine.debug import ClientStepError, run_round_debug
 from fedtrain.engine.plan import BatchSpec, Layout, RoundPlan, build_round, make_layout
-from fedtrain.engine.round import RoundOutput, make_round_fn
+from fedtrain.engine.round import CLIENT_AXIS, RoundOutput, make_round_fn
 from fedtrain.models.adapter import Model
 
-BACKENDS = ("auto", "scan", "vmap", "debug")
+BACKENDS = ("auto", "scan", "vmap", "sharded", "pmap", "debug")
 
 
 def resolve_backend(backend: str) -> str:
-    """``auto`` is ``scan`` on CPU (vmapped convolutions become slow grouped convolutions
-    there) and ``vmap`` on GPU/TPU."""
+    """``auto`` is ``sharded`` when JAX sees several devices (or hosts), else ``scan`` on CPU
+    (vmapped convolutions become slow grouped convolutions there) and ``vmap`` on GPU/TPU.
+    ``pmap`` is another name for ``sharded``."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}.")
+    if backend == "pmap":
+        return "sharded"
     if backend == "auto":
+        if jax.device_count() > 1:
+            return "sharded"
         return "scan" if jax.default_backend() == "cpu" else "vmap"
     return backend
 
@@ -34,17 +42,62 @@ class Engine:
         self.compilations = 0
         self._jitted: dict[tuple, object] = {}
         self._population: tuple[int | None, int | None] = (None, None)
+        self.mesh = None
+        if self.backend == "sharded":
+            from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+            self.mesh = Mesh(np.array(jax.devices()), (CLIENT_AXIS,))
+            self._replicated = NamedSharding(self.mesh, PartitionSpec())
+            self._by_lane = NamedSharding(self.mesh, PartitionSpec(CLIENT_AXIS))
+
+    def lanes_per_device(self, clients_per_round: int) -> int:
+        """Sharded rounds: lanes each device runs (one on CPU, else the device's share of the cohort)."""
+        devices = self.mesh.size
+        if self.requested_lanes:
+            return max(1, math.ceil(self.requested_lanes / devices))
+        return 1 if jax.default_backend() == "cpu" else math.ceil(clients_per_round / devices)
 
     def lanes_for(self, clients_per_round: int) -> int:
         if self.backend == "vmap":
             return self.requested_lanes or clients_per_round
+        if self.backend == "sharded":
+            return self.mesh.size * self.lanes_per_device(clients_per_round)
         return 1
 
     def layout(self, step_counts, clients_per_round: int) -> Layout:
         """The round layout for a population with these step counts; also records the population
         size and cohort size that :meth:`run_info` reports to algorithms."""
         self._population = (len(step_counts), int(clients_per_round))
-        return make_layout(step_counts, clients_per_round, self.lanes_for(clients_per_round))
+        lanes = self.lanes_for(clients_per_round)
+        if self.backend == "sharded":
+            return make_layout(step_counts, clients_per_round, lanes, exact_lanes=True,
+                               bucketed=self.lanes_per_device(clients_per_round) == 1)
+        return make_layout(step_counts, clients_per_round, lanes)
+
+    # ------------------------------------------------------------------ device placement
+    def local_lanes(self, lanes: int) -> list[int] | None:
+        """Of ``lanes`` lanes, those whose device belongs to this process (multi-host);
+        ``None`` when every lane is local."""
+        if self.mesh is None or jax.process_count() == 1:
+            return None
+        per_device = lanes // self.mesh.size
+        return [d * per_device + j for d, device in enumerate(self.mesh.devices.flat)
+                if device.process_index == jax.process_index() for j in range(per_device)]
+
+    def put_lanes(self, tree):
+        """Moves host arrays with a leading lane axis to the device(s): split over the mesh when
+        sharded (each process contributes only its own lanes), else onto the default device."""
+        if self.mesh is None:
+            return jax.device_put(tree)
+        if jax.process_count() == 1:
+            return jax.device_put(tree, self._by_lane)
+        lanes = self.local_lanes(jax.tree.leaves(tree)[0].shape[0])
+        return jax.tree.map(lambda x: jax.make_array_from_process_local_data(
+            self._by_lane, np.asarray(x)[lanes], x.shape), tree)
+
+    def put_replicated(self, tree):
+        """The server state on every device of the mesh (a no-op when already there)."""
+        return tree if self.mesh is None else jax.device_put(tree, self._replicated)
 
     def run_info(self, plan: RoundPlan) -> RunInfo:
         num_clients, k = self._population
@@ -63,7 +116,11 @@ class Engine:
         fn = self._jitted.get(key)
         if fn is None:
             algorithm = bound(self.algorithm, info)
-            fn = jax.jit(make_round_fn(self.model, algorithm, lanes, on_trace=self._count))
+            round_fn = make_round_fn(self.model, algorithm, lanes, on_trace=self._count, mesh=self.mesh)
+            if self.mesh is None:
+                fn = jax.jit(round_fn)
+            else:  # outputs replicated: every process can read metrics and the new state
+                fn = jax.jit(round_fn, out_shardings=self._replicated)
             self._jitted[key] = fn
         return fn
 
@@ -72,7 +129,8 @@ class Engine:
             return run_round_debug(self.model, self.bound_algorithm(plan), server_state, plan, client_states,
                                    round_key)
         lanes = plan.batch.weights.shape[0]
-        return self._round_fn(lanes, self.run_info(plan))(server_state, device_batch, client_states, round_key)
+        return self._round_fn(lanes, self.run_info(plan))(self.put_replicated(server_state), device_batch,
+                                                          client_states, round_key)
 
 
 __all__ = ["BACKENDS", "BatchSpec", "ClientStepError", "Engine", "Layout", "RoundOutput", "RoundPlan", "RunInfo",

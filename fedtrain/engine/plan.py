@@ -73,19 +73,29 @@ def partial_batch_buckets(batch_size: int) -> tuple[int, ...]:
 
 
 class Layout(NamedTuple):
-    """Fixed shapes of a round: ``lanes`` x ``capacity`` steps, ``slots`` clients per lane."""
+    """Fixed shapes of a round: ``lanes`` x ``capacity`` steps, ``slots`` clients per lane.
+
+    ``bucketed``: lanes run one at a time on their device, so partial batches use
+    :func:`partial_batch_buckets` (default: only when there is a single lane).
+    """
 
     lanes: int
     slots: int
     capacity: int
+    bucketed: bool | None = None
 
 
-def make_layout(step_counts: np.ndarray, clients_per_round: int, lanes: int) -> Layout:
-    """The smallest layout that holds *any* cohort of the population."""
-    lanes = max(1, min(int(lanes), clients_per_round))
+def make_layout(step_counts: np.ndarray, clients_per_round: int, lanes: int, *, exact_lanes: bool = False,
+                bucketed: bool | None = None) -> Layout:
+    """The smallest layout that holds *any* cohort of the population.
+
+    ``lanes`` is capped at the cohort size unless ``exact_lanes`` (sharded rounds need one
+    lane per device even when some stay empty).
+    """
+    lanes = max(1, int(lanes) if exact_lanes else min(int(lanes), clients_per_round))
     slots = math.ceil(clients_per_round / lanes)
     top = np.sort(np.asarray(step_counts))[::-1][:slots]
-    return Layout(lanes, slots, max(1, int(top.sum())))
+    return Layout(lanes, slots, max(1, int(top.sum())), bucketed)
 
 
 class FeatureSpec(NamedTuple):
@@ -177,8 +187,13 @@ def build_round(
     specs: dict[str, FeatureSpec],
     seed: int,
     round_index: int,
+    local_lanes: Sequence[int] | None = None,
 ) -> RoundPlan:
-    """Reads, shuffles, batches and packs one cohort into a :class:`RoundBatch`."""
+    """Reads, shuffles, batches and packs one cohort into a :class:`RoundBatch`.
+
+    With ``local_lanes`` (multi-host), only the clients placed in those lanes are read;
+    every lane's step metadata is still filled, so all processes agree on the plan.
+    """
     sizes = np.asarray(sizes, np.int64)
     steps = spec.steps(sizes)
     L, S, T, B = layout.lanes, layout.slots, layout.capacity, spec.batch_size
@@ -190,7 +205,9 @@ def build_round(
     first = np.zeros((L, T), bool)
     last = np.zeros((L, T), bool)
     bucket = np.zeros((L, T), np.int32)
-    buckets = np.asarray(partial_batch_buckets(B) if L == 1 else (B,))
+    bucketed = layout.bucketed if layout.bucketed is not None else L == 1
+    buckets = np.asarray(partial_batch_buckets(B) if bucketed else (B,))
+    reads = None if local_lanes is None else set(int(lane) for lane in local_lanes)
     num_steps = np.zeros((L,), np.int32)
     weights = np.zeros((L, S), np.float32)
     positions = np.full((L, S), -1, np.int32)
@@ -204,16 +221,17 @@ def build_round(
         if k == 0:
             continue
         cid = client_ids[pos]
-        examples = data.get_client(cid)
-        _check_client(cid, examples, specs, int(sizes[pos]))
         order = example_order(int(sizes[pos]), spec, k, client_rng(seed, round_index, population_indices[pos]))
         start = int(cursor[lane])
         stop = start + k
         if stop > T:
             raise RuntimeError(f"lane capacity {T} exceeded at client {cid!r}; sizes changed since fit() started?")
-        take = np.maximum(order, 0)
-        for name, buf in features.items():
-            buf[lane, start:stop] = examples[name][take].reshape((k, B) + specs[name].shape)
+        if reads is None or lane in reads:
+            examples = data.get_client(cid)
+            _check_client(cid, examples, specs, int(sizes[pos]))
+            take = np.maximum(order, 0)
+            for name, buf in features.items():
+                buf[lane, start:stop] = examples[name][take].reshape((k, B) + specs[name].shape)
         mask[lane, start:stop] = (order >= 0).reshape(k, B)
         # Padding is only ever at the end of a batch, so a step's real examples are a prefix.
         bucket[lane, start:stop] = np.searchsorted(buckets, mask[lane, start:stop].sum(axis=1))
@@ -223,8 +241,8 @@ def build_round(
         cursor[lane] = stop
     num_steps[:] = cursor
     real = int(spec.examples_seen(sizes).sum())
-    if L == 1:
-        computed = int(buckets[bucket[0, : cursor[0]]].sum())
+    if bucketed:  # lanes run one after another on their device; devices wait for the busiest
+        computed = L * max(int(buckets[bucket[lane, : cursor[lane]]].sum()) for lane in range(L))
     else:
         computed = int(cursor.max() * L * B)  # lanes run in lockstep until the longest is done
     batch = RoundBatch(features, mask, slot, first, last, bucket, num_steps, weights, positions)

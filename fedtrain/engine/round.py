@@ -173,9 +173,51 @@ def make_lane_fn(model: Model, algorithm: Algorithm, bucketed: bool):
     return lane
 
 
-def make_round_fn(model: Model, algorithm: Algorithm, lanes: int, on_trace=None):
-    """The whole round as one function of (server_state, batch, client_states, round_key)."""
-    lane = make_lane_fn(model, algorithm, bucketed=lanes == 1)
+CLIENT_AXIS = "clients"
+
+
+def map_lanes(lanes: int, mesh=None):
+    """``run(f, lane_args, shared) -> (sum over lanes, per-lane outputs stacked)``.
+
+    ``f(*one_lane_args, *shared) -> (summed, stacked)``. One lane runs as is,
+    several are vmapped; with a ``mesh`` the lane axis is split over its
+    devices (``shard_map``), each device runs its lanes and the sums are
+    all-reduced across devices (and hosts) inside the same program.
+    """
+
+    def local(f, lane_args, shared):
+        n = jax.tree.leaves(lane_args)[0].shape[0]
+        if n == 1:
+            summed, stacked = f(*_index(lane_args, 0), *shared)
+            return summed, jax.tree.map(lambda x: x[None], stacked)
+        in_axes = (0,) * len(lane_args) + (None,) * len(shared)
+        summed, stacked = jax.vmap(f, in_axes=in_axes)(*lane_args, *shared)
+        return jax.tree.map(lambda x: jnp.sum(x, axis=0), summed), stacked
+
+    if mesh is None:
+        return local
+    from jax.sharding import PartitionSpec
+
+    def sharded(f, lane_args, shared):
+        def per_device(lane_args, shared):
+            summed, stacked = local(f, lane_args, shared)
+            return jax.lax.psum(summed, CLIENT_AXIS), stacked
+
+        return jax.shard_map(per_device, mesh=mesh, in_specs=(PartitionSpec(CLIENT_AXIS), PartitionSpec()),
+                             out_specs=(PartitionSpec(), PartitionSpec(CLIENT_AXIS)),
+                             check_vma=False)(tuple(lane_args), tuple(shared))
+
+    return sharded
+
+
+def make_round_fn(model: Model, algorithm: Algorithm, lanes: int, on_trace=None, mesh=None):
+    """The whole round as one function of (server_state, batch, client_states, round_key).
+
+    With a ``mesh``, ``lanes`` is a multiple of its size and each device runs ``lanes / size`` lanes.
+    """
+    lanes_per_device = lanes // mesh.size if mesh is not None else lanes
+    lane = make_lane_fn(model, algorithm, bucketed=lanes_per_device == 1)
+    run_lanes = map_lanes(lanes, mesh)
     cohort_prepass = algorithm.prepass is not None and algorithm.prepass.cohort is not None
 
     def round_fn(server_state, batch, client_states, round_key):
@@ -185,23 +227,18 @@ def make_round_fn(model: Model, algorithm: Algorithm, lanes: int, on_trace=None)
         agg_state = aggregator_state(algorithm, server_state)
         train_key, contrib_key, server_key = client_keys(round_key)
         if cohort_prepass:
-            pre_args = (batch.features, batch.mask, batch.first, batch.last, batch.num_steps)
             pre_lane = make_cohort_prepass_fn(model, algorithm)
-            if lanes == 1:
-                total = pre_lane(broadcast, *_index(pre_args, 0))
-            else:
-                total = jax.vmap(pre_lane, in_axes=(None,) + (0,) * len(pre_args))(broadcast, *pre_args)
-                total = jax.tree.map(lambda x: jnp.sum(x, axis=0), total)
+            pre_args = (batch.features, batch.mask, batch.first, batch.last, batch.num_steps)
+            total, _ = run_lanes(lambda *a: (pre_lane(a[-1], *a[:-1]), ()), pre_args, (broadcast,))
             broadcast = algorithm.prepass.cohort(broadcast, total)
         args = (batch.features, batch.mask, batch.slot, batch.first, batch.last, batch.bucket, batch.num_steps,
                 batch.weights, batch.positions, client_states)
-        if lanes == 1:
-            contrib, per_slot = lane(broadcast, *_index(args, 0), train_key, contrib_key, agg_state)
-            per_slot = jax.tree.map(lambda x: x[None], per_slot)
-        else:
-            in_axes = (None,) + (0,) * len(args) + (None, None, None)
-            contrib, per_slot = jax.vmap(lane, in_axes=in_axes)(broadcast, *args, train_key, contrib_key, agg_state)
-            contrib = jax.tree.map(lambda x: jnp.sum(x, axis=0), contrib)
+
+        def one_lane(*a):
+            *lane_args, broadcast_, train_key_, contrib_key_, agg_state_ = a
+            return lane(broadcast_, *lane_args, train_key_, contrib_key_, agg_state_)
+
+        contrib, per_slot = run_lanes(one_lane, args, (broadcast, train_key, contrib_key, agg_state))
         return finish_round(algorithm, server_state, contrib, per_slot, server_key)
 
     return round_fn
