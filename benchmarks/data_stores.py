@@ -153,7 +153,7 @@ def run_round(stores: list[tuple[str, str]], rounds: int) -> dict:
     import fedtrain
     from fedtrain.callbacks import Callback
     from fedtrain.datasets import emnist
-    from fedtrain.engine.plan import BatchSpec, build_round, feature_specs, make_layout
+    from fedtrain.engine.plan import BatchSpec, build_round, feature_specs
     from fedtrain.models.emnist import EmnistCNN
 
     class Timer(Callback):
@@ -184,7 +184,7 @@ def run_round(stores: list[tuple[str, str]], rounds: int) -> dict:
         spec = BatchSpec(BATCH_SIZE, 1)
         ids = data.client_ids
         sizes = data.client_sizes()
-        layout = make_layout(spec.steps(sizes), CLIENTS_PER_ROUND, trainer.engine.lanes_for(CLIENTS_PER_ROUND))
+        layout = trainer.engine.layout(spec.steps(sizes), CLIENTS_PER_ROUND)  # as the trainer's feeder
         specs = feature_specs(data.get_client(ids[0]))
         assembly, reads, examples = [], [], []
         for r in range(first, first + rounds):
