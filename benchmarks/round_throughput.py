@@ -42,6 +42,10 @@ WORKLOADS = {
     "shakespeare-10": dict(task="shakespeare", clients_per_round=10, rounds=6, quick_rounds=3),
 }
 BATCH_SIZE = 10
+# More tasks (e.g. from benchmarks/suite.py): name -> fn(tiny) returning make_task's tuple, and their
+# client batch sizes (default BATCH_SIZE).
+TASKS: dict = {}
+TASK_BATCH_SIZE: dict[str, int] = {}
 
 
 # ---------------------------------------------------------------------------- tasks
@@ -61,6 +65,8 @@ def make_task(task: str, tiny: bool):
     from flax import nnx
 
     import fedtrain
+    if task in TASKS:
+        return TASKS[task](tiny)
     if task == "emnist":
         from fedtrain.models.emnist import EmnistCNN
         num_classes = 62
@@ -102,7 +108,8 @@ def run_fedtrain(task: str, clients_per_round: int, rounds: int, tiny: bool) -> 
 
     timer = Timer()
     start = time.perf_counter()
-    trainer.fit(rounds=rounds, clients_per_round=clients_per_round, batch_size=BATCH_SIZE, local_epochs=1,
+    trainer.fit(rounds=rounds, clients_per_round=clients_per_round,
+                batch_size=TASK_BATCH_SIZE.get(task, BATCH_SIZE), local_epochs=1,
                 callbacks=[timer], verbose=0)
     times = np.diff([start] + timer.ends)
     return _summary(times, timer.examples, float(np.mean(timer.padding)), trainer.engine.compilations,
@@ -123,7 +130,8 @@ def run_reference(task: str, clients_per_round: int, rounds: int, tiny: bool) ->
     client_tx = optax.sgd(client_lr)
     ids = list(data.client_ids)
     sizes = np.array([data.client_size(c) for c in ids])
-    max_steps = int(-(-sizes.max() // BATCH_SIZE))
+    batch_size = TASK_BATCH_SIZE.get(task, BATCH_SIZE)
+    max_steps = int(-(-sizes.max() // batch_size))
 
     def loss_fn(p, batch, mask, key):
         model = nnx.merge(graphdef, p, jax.tree.map(jnp.asarray, rest))
@@ -165,17 +173,17 @@ def run_reference(task: str, clients_per_round: int, rounds: int, tiny: bool) ->
         chosen = UniformSampler().sample(0, r, len(ids), clients_per_round)
         rng = np.random.default_rng([0, r])
         feats = {}
-        masks = np.zeros((clients_per_round, max_steps, BATCH_SIZE), np.float32)
+        masks = np.zeros((clients_per_round, max_steps, batch_size), np.float32)
         for i, c in enumerate(chosen):
             ex = data.get_client(ids[c])
             n = sizes[c]
             order = rng.permutation(n)
             for key, value in ex.items():
-                buf = feats.setdefault(key, np.zeros((clients_per_round, max_steps * BATCH_SIZE) + value.shape[1:],
+                buf = feats.setdefault(key, np.zeros((clients_per_round, max_steps * batch_size) + value.shape[1:],
                                                      value.dtype))
                 buf[i, :n] = value[order]
             masks[i].reshape(-1)[:n] = 1.0
-        batches = {k: v.reshape((clients_per_round, max_steps, BATCH_SIZE) + v.shape[2:]) for k, v in feats.items()}
+        batches = {k: v.reshape((clients_per_round, max_steps, batch_size) + v.shape[2:]) for k, v in feats.items()}
         valid = masks.max(axis=2) > 0
         weights = sizes[chosen].astype(np.float32)
         return batches, masks, valid, weights, int(sizes[chosen].sum())
@@ -225,8 +233,9 @@ def _worker(args) -> None:
     print("RESULT " + json.dumps(result))
 
 
-def measure(workload: str, impl: str, rounds: int, tiny: bool) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--workload", workload, "--impl", impl,
+def measure(workload: str, impl: str, rounds: int, tiny: bool, script: str | None = None) -> dict:
+    """Runs one measurement in a fresh process (``script --worker``, this file by default)."""
+    cmd = [sys.executable, script or os.path.abspath(__file__), "--worker", "--workload", workload, "--impl", impl,
            "--rounds", str(rounds)] + (["--tiny"] if tiny else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
