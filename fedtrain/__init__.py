@@ -1,6 +1,6 @@
 """fedtrain: federated learning simulation on JAX, one compiled program per round."""
 
-from fedtrain import aggregators, algorithms, callbacks, data, datasets, metrics, models, samplers
+from fedtrain import aggregators, algorithms, callbacks, data, datasets, distributed, metrics, models, samplers
 from fedtrain.data import FederatedData, InMemoryFederatedData
 from fedtrain.engine import ClientStepError
 from fedtrain.trainer import FederatedTrainer
@@ -17,6 +17,7 @@ __all__ = [
     "callbacks",
     "data",
     "datasets",
+    "distributed",
     "metrics",
     "models",
     "samplers",

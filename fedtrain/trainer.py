@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fedtrain import distributed
 from fedtrain.algorithms.base import Algorithm
 from fedtrain.callbacks.base import Callback, CallbackList, History
 from fedtrain.callbacks.progress import ProgressBar
@@ -204,6 +205,12 @@ class FederatedTrainer:
                 f"use clients_per_round <= {population.size}.")
         self._check_model_on(data, population, spec)
         verbose = (1 if sys.stdout.isatty() else 2) if verbose == "auto" else int(verbose)
+        if jax.process_count() > 1:  # every process must run the same plan, or the collectives hang
+            distributed.check_same_on_all_processes(
+                rounds=rounds, clients_per_round=clients_per_round, batch=spec, seed=self.seed,
+                algorithm=self.algorithm.name, clients=population.size, examples=int(np.sum(population.sizes)),
+                initial_round=initial_round, backend=self.backend)
+            verbose = verbose if distributed.is_chief() else 0
         cbs = list(callbacks or [])
         if verbose and not any(isinstance(cb, ProgressBar) for cb in cbs):
             cbs.append(ProgressBar(verbose))

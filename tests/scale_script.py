@@ -16,6 +16,8 @@ parser.add_argument("--algorithm", default="fedavg", choices=["fedavg", "scaffol
 parser.add_argument("--process-id", type=int, default=0)
 parser.add_argument("--num-processes", type=int, default=1)
 parser.add_argument("--port", type=int, default=0)
+parser.add_argument("--seed", type=int, default=3)
+parser.add_argument("--timeout", type=int, default=120)
 args = parser.parse_args()
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -23,16 +25,16 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import jax  # noqa: E402
 
+import fedtrain  # noqa: E402
+
 if args.num_processes > 1:
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(f"127.0.0.1:{args.port}", num_processes=args.num_processes,
-                               process_id=args.process_id)
+    fedtrain.distributed.initialize(f"127.0.0.1:{args.port}", args.num_processes, args.process_id,
+                                    timeout_s=args.timeout)
 
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-import fedtrain  # noqa: E402
 from tests.conftest import TinyMLP, make_clients  # noqa: E402
 
 algorithms = {
@@ -42,7 +44,7 @@ algorithms = {
 }
 data = fedtrain.InMemoryFederatedData(make_clients(num_clients=12))
 trainer = fedtrain.FederatedTrainer(TinyMLP(dropout=0.2, rngs=nnx.Rngs(0, dropout=1)), data,
-                                    algorithms[args.algorithm](), backend=args.backend, seed=3)
+                                    algorithms[args.algorithm](), backend=args.backend, seed=args.seed)
 history = trainer.fit(rounds=3, clients_per_round=5, batch_size=4, verbose=0)
 params = jax.tree.leaves(jax.device_get(nnx.to_pure_dict(trainer.params)))
 if jax.process_index() == 0:

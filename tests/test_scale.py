@@ -60,3 +60,52 @@ def test_two_processes_equal_one(tmp_path):
     multi = dict(np.load(out))
     assert int(multi["processes"]) == 2 and int(multi["devices"]) == 4 and str(multi["backend"]) == "sharded"
     assert_same(single, multi)
+
+
+def _launch_two(out, extra_per_process, timeout=300):
+    port = str(_free_port())
+    procs = [subprocess.Popen([sys.executable, SCRIPT, str(out), "--devices", "2", "--num-processes", "2",
+                               "--process-id", str(i), "--port", port, *extra_per_process[i]],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+             for i in range(2)]
+    results = []
+    for p in procs:
+        _, err = p.communicate(timeout=timeout)
+        results.append((p.returncode, err))
+    return results
+
+
+@pytest.mark.slow
+def test_processes_with_different_settings_fail_clearly(tmp_path):
+    results = _launch_two(tmp_path / "x.npz", [["--seed", "3"], ["--seed", "4"]])
+    for code, err in results:
+        assert code != 0
+        assert "started with different settings" in err, err[-2000:]
+
+
+def test_unreachable_coordinator_names_the_address(tmp_path):
+    port = _free_port()  # nothing listens there
+    proc = subprocess.run([sys.executable, SCRIPT, str(tmp_path / "x.npz"), "--num-processes", "2",
+                           "--process-id", "1", "--port", str(port), "--timeout", "3"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode != 0
+    assert f"127.0.0.1:{port}" in proc.stderr and "process 0 is running" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_uneven_cohort_over_devices_warns_once(tmp_path):
+    code = (
+        "import os, warnings\n"
+        "os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=4'\n"
+        "import optax, fedtrain\n"
+        "from flax import nnx\n"
+        "from tests.conftest import TinyMLP, make_clients\n"
+        "data = fedtrain.InMemoryFederatedData(make_clients(num_clients=8))\n"
+        "t = fedtrain.FederatedTrainer(TinyMLP(rngs=nnx.Rngs(0)), data, fedtrain.algorithms.fedavg(optax.sgd(0.1)))\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    t.fit(rounds=2, clients_per_round=3, batch_size=4, verbose=0)\n"
+        "msgs = [str(x.message) for x in w if 'padded with empty slots' in str(x.message)]\n"
+        "assert t.backend == 'sharded' and len(msgs) == 1, msgs\n"
+        "print('OK')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]

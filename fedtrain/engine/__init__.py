@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import jax
 import numpy as np
@@ -43,6 +44,7 @@ class Engine:
         self._jitted: dict[tuple, object] = {}
         self._population: tuple[int | None, int | None] = (None, None)
         self.mesh = None
+        self._warned_uneven = False
         if self.backend == "sharded":
             from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -70,6 +72,11 @@ class Engine:
         self._population = (len(step_counts), int(clients_per_round))
         lanes = self.lanes_for(clients_per_round)
         if self.backend == "sharded":
+            if clients_per_round % lanes and not self._warned_uneven:
+                self._warned_uneven = True
+                warnings.warn(f"{clients_per_round} clients per round over {lanes} lanes on {self.mesh.size} devices: "
+                              "the cohort is padded with empty slots; a multiple of the device count keeps every "
+                              "device busy.", RuntimeWarning, stacklevel=3)
             return make_layout(step_counts, clients_per_round, lanes, exact_lanes=True,
                                bucketed=self.lanes_per_device(clients_per_round) == 1)
         return make_layout(step_counts, clients_per_round, lanes)
