@@ -4,17 +4,19 @@
 Skipped without it; tests/test_codec.py checks the same encoding rules without FedJAX.
 """
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-
-import fedjax_compat  # noqa: E402
+_spec = importlib.util.spec_from_file_location("fedjax_compat", os.path.join(ROOT, "benchmarks", "fedjax_compat.py"))
+fedjax_compat = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(fedjax_compat)
 
 
 @pytest.mark.slow
@@ -42,4 +44,4 @@ def test_fixture_comparison_catches_differences():
     assert fedjax_compat.same(ex["float32_f"], ex["float32_f"].astype("float64"))
     big = clients[-1][1]["x"]
     assert big.dtype.byteorder == ">" and fedjax_compat.same(big, big.astype("<f4")) == []
-    assert fedjax_compat.same(3 + 4j, __import__("numpy").complex128(3 + 4j)) == []
+    assert fedjax_compat.same(3 + 4j, np.complex128(3 + 4j)) == []
