@@ -38,7 +38,10 @@ class FederatedTrainer:
 
     ``model`` is a flax ``nnx.Module`` (or a :class:`fedtrain.models.Model`);
     ``loss`` and ``metrics`` are names or :mod:`fedtrain.metrics` objects;
-    ``backend`` is ``"auto"``, ``"scan"``, ``"vmap"`` or ``"debug"``.
+    ``backend`` is ``"auto"``, ``"scan"``, ``"vmap"``, ``"sharded"`` (alias ``"pmap"``: lanes split
+    over all devices and hosts) or ``"debug"``. ``lanes`` sets how many clients train side by side;
+    more than ``lane_group`` lanes run as a scan over groups of that size (bounded memory for
+    cohorts of thousands).
     """
 
     def __init__(
@@ -53,6 +56,7 @@ class FederatedTrainer:
         backend: str = "auto",
         seed: int = 0,
         lanes: int | None = None,
+        lane_group: int | None = 128,
         input_key: str = "x",
     ):
         if not isinstance(algorithm, Algorithm):
@@ -80,7 +84,7 @@ class FederatedTrainer:
         # round (as inputs of the compiled round), so schedules change them without recompiling.
         self.client_hyperparams = _hp.client_hyperparams(self.model_fns, algorithm, self.server_state)
         engine_algorithm = _hp.with_client_hyperparams(algorithm) if self.client_hyperparams else algorithm
-        self.engine = Engine(self.model_fns, engine_algorithm, backend, lanes)
+        self.engine = Engine(self.model_fns, engine_algorithm, backend, lanes, lane_group)
         self.client_states = (ClientStateStore(algorithm.client_state_init(self.model_fns.init_params))
                               if algorithm.client_state_init is not None else None)
         self.round = 0  # rounds completed

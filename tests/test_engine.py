@@ -222,3 +222,21 @@ def test_partial_batches_run_in_the_smallest_bucket(clients):
     lanes = build_round(data, ids, list(range(5)), sizes, spec, Layout(2, 3, int(steps.sum())), specs, 0, 0)
     assert lanes.computed_examples == lanes.batch.num_steps.max() * 2 * 4  # vmapped lanes: full batches
     assert single.padding_efficiency >= lanes.padding_efficiency
+
+
+def test_lane_groups_scan_over_vmapped_groups_and_agree(data):
+    def run(lanes, lane_group):
+        model = TinyMLP(rngs=nnx.Rngs(0))
+        trainer = fedtrain.FederatedTrainer(model, data, fedtrain.algorithms.fedavg(optax.sgd(0.1)),
+                                            backend="vmap", seed=3, lanes=lanes, lane_group=lane_group)
+        trainer.fit(rounds=2, clients_per_round=7, batch_size=4, verbose=0)
+        return trainer
+    plain = run(7, None)
+    grouped = run(7, 3)  # 7 lanes -> 9 (three groups of 3, two lanes empty)
+    assert grouped.engine.lanes_for(7) == 9 and plain.engine.lanes_for(7) == 7
+    assert max_diff(plain.params, grouped.params) < 1e-5
+    np.testing.assert_allclose(plain.history.history["loss"], grouped.history.history["loss"], rtol=1e-5)
+    assert grouped.engine.compilations == 1
+    with pytest.raises(ValueError, match="lane_group must be >= 1"):
+        fedtrain.FederatedTrainer(TinyMLP(rngs=nnx.Rngs(0)), data, fedtrain.algorithms.fedavg(optax.sgd(0.1)),
+                                  lane_group=0)

@@ -35,11 +35,15 @@ def resolve_backend(backend: str) -> str:
 class Engine:
     """Runs rounds of ``algorithm`` on ``model`` with one backend; counts compilations."""
 
-    def __init__(self, model: Model, algorithm: Algorithm, backend: str = "auto", lanes: int | None = None):
+    def __init__(self, model: Model, algorithm: Algorithm, backend: str = "auto", lanes: int | None = None,
+                 lane_group: int | None = 128):
         self.model = model
         self.algorithm = algorithm
         self.backend = resolve_backend(backend)
         self.requested_lanes = lanes
+        if lane_group is not None and int(lane_group) < 1:
+            raise ValueError(f"lane_group must be >= 1 (or None for no grouping), got {lane_group}.")
+        self.lane_group = None if lane_group is None else int(lane_group)
         self.compilations = 0
         self._jitted: dict[tuple, object] = {}
         self._population: tuple[int | None, int | None] = (None, None)
@@ -59,11 +63,16 @@ class Engine:
             return max(1, math.ceil(self.requested_lanes / devices))
         return 1 if jax.default_backend() == "cpu" else math.ceil(clients_per_round / devices)
 
+    def _grouped(self, lanes: int) -> int:
+        """``lanes`` rounded up to a multiple of the lane group when it exceeds one group."""
+        g = self.lane_group
+        return lanes if g is None or lanes <= g else math.ceil(lanes / g) * g
+
     def lanes_for(self, clients_per_round: int) -> int:
         if self.backend == "vmap":
-            return self.requested_lanes or clients_per_round
+            return self._grouped(self.requested_lanes or clients_per_round)
         if self.backend == "sharded":
-            return self.mesh.size * self.lanes_per_device(clients_per_round)
+            return self.mesh.size * self._grouped(self.lanes_per_device(clients_per_round))
         return 1
 
     def layout(self, step_counts, clients_per_round: int) -> Layout:
@@ -79,7 +88,7 @@ class Engine:
                               "device busy.", RuntimeWarning, stacklevel=3)
             return make_layout(step_counts, clients_per_round, lanes, exact_lanes=True,
                                bucketed=self.lanes_per_device(clients_per_round) == 1)
-        return make_layout(step_counts, clients_per_round, lanes)
+        return make_layout(step_counts, clients_per_round, lanes, exact_lanes=lanes > clients_per_round)
 
     # ------------------------------------------------------------------ device placement
     def local_lanes(self, lanes: int) -> list[int] | None:
@@ -123,7 +132,8 @@ class Engine:
         fn = self._jitted.get(key)
         if fn is None:
             algorithm = bound(self.algorithm, info)
-            round_fn = make_round_fn(self.model, algorithm, lanes, on_trace=self._count, mesh=self.mesh)
+            round_fn = make_round_fn(self.model, algorithm, lanes, on_trace=self._count, mesh=self.mesh,
+                                     lane_group=self.lane_group)
             if self.mesh is None:
                 fn = jax.jit(round_fn)
             else:  # outputs replicated: every process can read metrics and the new state

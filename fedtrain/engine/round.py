@@ -176,23 +176,41 @@ def make_lane_fn(model: Model, algorithm: Algorithm, bucketed: bool):
 CLIENT_AXIS = "clients"
 
 
-def map_lanes(lanes: int, mesh=None):
+def map_lanes(lanes: int, mesh=None, group: int | None = None):
     """``run(f, lane_args, shared) -> (sum over lanes, per-lane outputs stacked)``.
 
     ``f(*one_lane_args, *shared) -> (summed, stacked)``. One lane runs as is,
-    several are vmapped; with a ``mesh`` the lane axis is split over its
-    devices (``shard_map``), each device runs its lanes and the sums are
-    all-reduced across devices (and hosts) inside the same program.
+    several are vmapped; more than ``group`` lanes run as a ``scan`` over groups
+    of ``group`` vmapped lanes, so activation memory is bounded by the group,
+    not the cohort. With a ``mesh`` the lane axis is split over its devices
+    (``shard_map``), each device runs its lanes and the sums are all-reduced
+    across devices (and hosts) inside the same program.
     """
+
+    def vmapped(f, lane_args, shared):
+        in_axes = (0,) * len(lane_args) + (None,) * len(shared)
+        summed, stacked = jax.vmap(f, in_axes=in_axes)(*lane_args, *shared)
+        return jax.tree.map(lambda x: jnp.sum(x, axis=0), summed), stacked
 
     def local(f, lane_args, shared):
         n = jax.tree.leaves(lane_args)[0].shape[0]
         if n == 1:
             summed, stacked = f(*_index(lane_args, 0), *shared)
             return summed, jax.tree.map(lambda x: x[None], stacked)
-        in_axes = (0,) * len(lane_args) + (None,) * len(shared)
-        summed, stacked = jax.vmap(f, in_axes=in_axes)(*lane_args, *shared)
-        return jax.tree.map(lambda x: jnp.sum(x, axis=0), summed), stacked
+        if group is None or n <= group:
+            return vmapped(f, lane_args, shared)
+        if n % group:
+            raise ValueError(f"{n} lanes are not a multiple of the lane group {group}.")
+        grouped = jax.tree.map(lambda x: x.reshape((n // group, group) + x.shape[1:]), lane_args)
+        first = jax.tree.map(lambda x: x[0], grouped)
+        zeros = _tree_zeros(jax.eval_shape(lambda a: vmapped(f, a, shared)[0], first))
+
+        def body(total, chunk):
+            summed, stacked = vmapped(f, chunk, shared)
+            return _tree_add(total, summed), stacked
+
+        total, stacked = jax.lax.scan(body, zeros, grouped)
+        return total, jax.tree.map(lambda x: x.reshape((n,) + x.shape[2:]), stacked)
 
     if mesh is None:
         return local
@@ -210,14 +228,16 @@ def map_lanes(lanes: int, mesh=None):
     return sharded
 
 
-def make_round_fn(model: Model, algorithm: Algorithm, lanes: int, on_trace=None, mesh=None):
+def make_round_fn(model: Model, algorithm: Algorithm, lanes: int, on_trace=None, mesh=None,
+                  lane_group: int | None = None):
     """The whole round as one function of (server_state, batch, client_states, round_key).
 
-    With a ``mesh``, ``lanes`` is a multiple of its size and each device runs ``lanes / size`` lanes.
+    With a ``mesh``, ``lanes`` is a multiple of its size and each device runs ``lanes / size`` lanes;
+    lanes run in groups of at most ``lane_group`` (see :func:`map_lanes`).
     """
     lanes_per_device = lanes // mesh.size if mesh is not None else lanes
     lane = make_lane_fn(model, algorithm, bucketed=lanes_per_device == 1)
-    run_lanes = map_lanes(lanes, mesh)
+    run_lanes = map_lanes(lanes, mesh, lane_group)
     cohort_prepass = algorithm.prepass is not None and algorithm.prepass.cohort is not None
 
     def round_fn(server_state, batch, client_states, round_key):
