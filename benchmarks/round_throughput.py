@@ -88,6 +88,7 @@ def make_task(task: str, tiny: bool):
 
 # ---------------------------------------------------------------------------- fedtrain
 def run_fedtrain(task: str, clients_per_round: int, rounds: int, tiny: bool) -> dict:
+    import jax
     import optax
 
     import fedtrain
@@ -99,12 +100,13 @@ def run_fedtrain(task: str, clients_per_round: int, rounds: int, tiny: bool) -> 
 
     class Timer(Callback):
         def __init__(self):
-            self.ends, self.examples, self.padding = [], [], []
+            self.ends, self.examples, self.padding, self.waits = [], [], [], []
 
         def on_round_end(self, r, logs=None):
             self.ends.append(time.perf_counter())
             self.examples.append(logs["num_examples"])
             self.padding.append(trainer.last_round_info["padding_efficiency"])
+            self.waits.append(trainer.last_round_info["input_wait_s"])
 
     timer = Timer()
     start = time.perf_counter()
@@ -112,8 +114,12 @@ def run_fedtrain(task: str, clients_per_round: int, rounds: int, tiny: bool) -> 
                 batch_size=TASK_BATCH_SIZE.get(task, BATCH_SIZE), local_epochs=1,
                 callbacks=[timer], verbose=0)
     times = np.diff([start] + timer.ends)
-    return _summary(times, timer.examples, float(np.mean(timer.padding)), trainer.engine.compilations,
-                    backend=trainer.backend)
+    summary = _summary(times, timer.examples, float(np.mean(timer.padding)), trainer.engine.compilations,
+                       backend=trainer.backend)
+    # Fraction of steady-state round time the device waited for input (host work not hidden).
+    summary["input_wait_fraction"] = float(sum(timer.waits[1:]) / max(sum(times[1:]), 1e-9))
+    summary["devices"] = len(jax.devices())
+    return summary
 
 
 # ---------------------------------------------------------------------------- reference
@@ -233,11 +239,16 @@ def _worker(args) -> None:
     print("RESULT " + json.dumps(result))
 
 
-def measure(workload: str, impl: str, rounds: int, tiny: bool, script: str | None = None) -> dict:
-    """Runs one measurement in a fresh process (``script --worker``, this file by default)."""
+def measure(workload: str, impl: str, rounds: int, tiny: bool, script: str | None = None,
+            devices: int | None = None) -> dict:
+    """Runs one measurement in a fresh process (``script --worker``, this file by default); with
+    ``devices``, the process sees that many CPU devices (and fedtrain picks its sharded backend)."""
     cmd = [sys.executable, script or os.path.abspath(__file__), "--worker", "--workload", workload, "--impl", impl,
            "--rounds", str(rounds)] + (["--tiny"] if tiny else [])
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    env = dict(os.environ)
+    if devices:
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"{impl} on {workload} failed:\n{proc.stderr[-3000:]}")
@@ -252,16 +263,21 @@ def machine() -> dict:
 
 def table(results: list[dict]) -> str:
     head = ("| workload | impl | first round s | s/round | examples/s | vs reference | padding eff. | "
-            "compilations | peak RSS MB |")
-    rows = [head, "|" + "---|" * 9]
+            "input wait | compilations | peak RSS MB |")
+    rows = [head, "|" + "---|" * 10]
     for res in results:
         unit = "seq/s" if res["workload"].startswith("shakespeare") else "ex/s"
         ratio = res.get("ratio_to_reference")
         pad = res["padding_efficiency"]
         rows.append(f"| {res['workload']} | {res['impl']} | {res['first_round_s']:.1f} | {res['s_per_round']:.2f} | "
                     f"{res['examples_per_s']:.0f} {unit} | {'' if ratio is None else f'{ratio:.2f}x'} | "
-                    f"{'' if pad is None else f'{pad:.3f}'} | {res['compilations']} | {res['peak_rss_mb']:.0f} |")
+                    f"{'' if pad is None else f'{pad:.3f}'} | {_percent(res.get('input_wait_fraction'))} | "
+                    f"{res['compilations']} | {res['peak_rss_mb']:.0f} |")
     return "\n".join(rows)
+
+
+def _percent(value) -> str:
+    return "" if value is None else f"{100 * value:.1f} %"
 
 
 def main(argv=None) -> list[dict]:
@@ -271,6 +287,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--tiny", action="store_true", help="tiny data and models (smoke test)")
     parser.add_argument("--rounds", type=int, help="rounds per measurement (default per workload)")
     parser.add_argument("--no-reference", action="store_true")
+    parser.add_argument("--devices", type=int, default=0,
+                        help="also run fedtrain on this many (forced) CPU devices, sharded; ratio vs one device")
     parser.add_argument("--output", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                          "round_throughput.json"))
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -290,6 +308,11 @@ def main(argv=None) -> list[dict]:
         rounds = args.rounds or (spec["quick_rounds"] if args.quick or args.tiny else spec["rounds"])
         ours = {"workload": name, "impl": "fedtrain", **measure(name, "fedtrain", rounds, args.tiny)}
         results.append(ours)
+        if args.devices > 1:
+            many = {"workload": name, "impl": f"fedtrain, {args.devices} devices",
+                    **measure(name, "fedtrain", rounds, args.tiny, devices=args.devices)}
+            many["ratio_to_one_device"] = many["examples_per_s"] / ours["examples_per_s"]
+            results.append(many)
         if not args.no_reference:
             ref = {"workload": name, "impl": "plain JAX", **measure(name, "reference", rounds, args.tiny)}
             ours["ratio_to_reference"] = ours["examples_per_s"] / ref["examples_per_s"]

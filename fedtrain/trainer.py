@@ -241,10 +241,12 @@ class FederatedTrainer:
                 callback_list.on_round_begin(r, {})
                 t0 = time.perf_counter()
                 plan, device_batch = feeder.get(r, self._clients_per_round)
+                input_wait = time.perf_counter() - t0  # host time not hidden behind the previous round
                 if r + 1 < rounds:
                     feeder.prefetch(r + 1, self._clients_per_round)
                 callback_list.on_clients_sampled(r, list(plan.client_ids))
                 logs = self._run_round(r, plan, device_batch, callback_list)
+                self.last_round_info["input_wait_s"] = input_wait
                 if validation_data is not None and val_rounds(r + 1, rounds):
                     val = self.evaluate(validation_data, batch_size=validation_batch_size, callbacks=callback_list)
                     logs.update({f"val_{k}": v for k, v in val.items()})
