@@ -1,0 +1,109 @@
+"""`fedtrain train/eval/plot/recipes` run in subprocesses: training, resume, and the error cases."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = "emnist_fedavg:tiny"
+
+
+def fedtrain(*args, cwd=ROOT, env=None):
+    full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "fedtrain.cli", *map(str, args)], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def rounds_in(workdir):
+    with open(os.path.join(workdir, "metrics.csv"), newline="") as f:
+        return [int(r["round"]) for r in csv.DictReader(f)]
+
+
+@pytest.mark.parametrize("command", [[], ["train"], ["eval"], ["plot"], ["recipes"], ["data"]])
+def test_help(command):
+    result = fedtrain(*command, "--help")
+    assert result.returncode == 0, result.stderr
+    assert "usage: fedtrain" in result.stdout
+
+
+def test_recipes_lists_the_grid():
+    result = fedtrain("recipes", "-v")
+    assert result.returncode == 0, result.stderr
+    assert "shakespeare_fedavg" in result.stdout and "cifar100_fedyogi" in result.stdout
+    assert "_common" not in result.stdout and "tiny" in result.stdout
+
+
+def test_train_resume_eval_plot(tmp_path):
+    workdir = tmp_path / "run"
+    result = fedtrain("train", TINY, "--workdir", workdir, "--config.rounds=2", "--progress", "line")
+    assert result.returncode == 0, result.stderr
+    assert "Round 2/2" in result.stdout
+    for name in ("metrics.csv", "results.json", "fedtrain_run.json", "checkpoints", "tensorboard"):
+        assert (workdir / name).exists(), name
+    assert rounds_in(workdir) == [0, 1]
+    # Rerunning with more rounds continues from the checkpoint of round 2.
+    result = fedtrain("train", TINY, "--workdir", workdir, "--config.rounds", "3", "--progress", "none")
+    assert result.returncode == 0, result.stderr
+    assert "resuming emnist_fedavg" in result.stdout
+    assert rounds_in(workdir) == [0, 1, 2]
+    assert json.loads((workdir / "results.json").read_text())["rounds"] == 3
+
+    result = fedtrain("eval", workdir, "--json")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["round"] == 3 and 0.0 <= out["accuracy"] <= 1.0
+
+    result = fedtrain("plot", workdir)
+    assert result.returncode == 0, result.stderr
+    assert (workdir / "curves.png").stat().st_size > 1000
+
+
+def test_recipe_by_path_and_different_recipe_refused(tmp_path):
+    workdir = tmp_path / "run"
+    path = os.path.join(ROOT, "recipes", "emnist_fedavgm.py")
+    result = fedtrain("train", f"{path}:tiny", "--workdir", workdir, "--config.rounds=1", "--progress=none",
+                      cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    result = fedtrain("train", TINY, "--workdir", workdir, "--config.rounds=2", "--progress=none")
+    assert result.returncode != 0
+    assert "refusing to resume" in result.stderr and "emnist_fedavgm" in result.stderr
+    result = fedtrain("train", f"{path}:tiny", "--workdir", workdir, "--config.rounds=2",
+                      "--config.model.kind=dense", "--progress=none")
+    assert result.returncode != 0 and "config.model" in result.stderr
+
+
+def test_config_key_typo_suggests(tmp_path):
+    result = fedtrain("train", TINY, "--workdir", tmp_path / "w", "--config.clients_per_rond=2")
+    assert result.returncode == 2
+    assert "unknown config key 'config.clients_per_rond'" in result.stderr
+    assert "did you mean config.clients_per_round" in result.stderr.lower()
+    result = fedtrain("train", TINY, "--workdir", tmp_path / "w", "--config.data.sorce=x")
+    assert result.returncode == 2 and "config.data.source" in result.stderr
+    result = fedtrain("train", TINY, "--workdir", tmp_path / "w", "--config.rounds=two")
+    assert result.returncode == 2 and "config.rounds" in result.stderr
+
+
+def test_unknown_recipe_and_variant(tmp_path):
+    result = fedtrain("train", "emnist_fedavgg", "--workdir", tmp_path / "w")
+    assert result.returncode == 2
+    assert "unknown recipe 'emnist_fedavgg'" in result.stderr and "emnist_fedavg" in result.stderr
+    result = fedtrain("train", "emnist_fedavg:nope", "--workdir", tmp_path / "w")
+    assert result.returncode == 2 and "unknown variant 'nope'" in result.stderr
+    result = fedtrain("eval", tmp_path / "nothing")
+    assert result.returncode == 2 and "fedtrain_run.json" in result.stderr
+
+
+def test_missing_dataset_offline_names_file(tmp_path):
+    # An empty cache and no route to the download host: the error names the file and its URL.
+    env = {"FEDTRAIN_DATA_DIR": str(tmp_path / "cache"), "http_proxy": "http://127.0.0.1:9",
+           "https_proxy": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9",
+           "HTTPS_PROXY": "http://127.0.0.1:9", "no_proxy": "", "NO_PROXY": ""}
+    result = fedtrain("train", "emnist_fedavg", "--workdir", tmp_path / "w", "--config.rounds=1", env=env)
+    assert result.returncode == 2
+    assert "federated_emnist_train.sqlite" in result.stderr
+    assert "https://storage.googleapis.com/gresearch/fedjax/emnist/" in result.stderr
+    assert str(tmp_path / "cache") in result.stderr
