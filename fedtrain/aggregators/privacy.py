@@ -53,9 +53,9 @@ def adaptive_clip(initial_clip_norm: float, target_quantile: float = 0.5, learni
                   count_stddev: float = 0.0, expected_clients: float | None = None) -> Stage:
     """Clip norm that tracks the ``target_quantile`` of update norms (Andrew et al., 2021).
 
-    Each round ``C <- C * exp(-learning_rate * (b - target_quantile))`` with ``b`` the fraction of
-    clients whose update norm is at most ``C``, counted with ``N(0, count_stddev^2)`` noise and divided
-    by ``expected_clients`` (the participant count when ``None``).
+    Each round ``C <- C * exp(-learning_rate * (b - target_quantile))`` where
+    ``b = (sum_i (1[|u_i| <= C] - 1/2) + N(0, count_stddev^2)) / m + 1/2`` estimates the fraction of
+    unclipped clients, ``m`` being ``expected_clients`` (the participant count when ``None``).
     """
     initial_clip_norm = _check_positive("initial_clip_norm", initial_clip_norm)
     _check_positive("learning_rate", learning_rate, allow_zero=True)

@@ -86,20 +86,25 @@ class Algorithm(NamedTuple):
 
 
 def aggregator_state(algorithm: Algorithm, server_state: PyTree) -> PyTree:
-    """The aggregator's state inside ``server_state`` (``()`` for stateless aggregators)."""
+    """The aggregator's state: the ``aggregator`` field of the server state, looking through
+    wrappers that hold the algorithm's state in a ``state`` field (``()`` for stateless aggregators)."""
     if not algorithm.aggregator.stateful:
         return ()
-    if not hasattr(server_state, "aggregator"):
-        raise ValueError(f"aggregator {algorithm.aggregator.name!r} keeps state across rounds, but the server "
-                         f"state of algorithm {algorithm.name!r} has no 'aggregator' field to hold it.")
-    return server_state.aggregator
+    if hasattr(server_state, "aggregator"):
+        return server_state.aggregator
+    if hasattr(server_state, "state"):
+        return aggregator_state(algorithm, server_state.state)
+    raise ValueError(f"aggregator {algorithm.aggregator.name!r} keeps state across rounds, but the server "
+                     f"state of algorithm {algorithm.name!r} has no 'aggregator' field to hold it.")
 
 
 def with_aggregator_state(algorithm: Algorithm, server_state: PyTree, state: PyTree) -> PyTree:
-    """``server_state`` with the aggregator's new state stored in it."""
+    """``server_state`` with the aggregator's new state stored where :func:`aggregator_state` found it."""
     if not algorithm.aggregator.stateful:
         return server_state
-    return server_state._replace(aggregator=state)
+    if hasattr(server_state, "aggregator"):
+        return server_state._replace(aggregator=state)
+    return server_state._replace(state=with_aggregator_state(algorithm, server_state.state, state))
 
 
 def bound(algorithm: Algorithm, info: RunInfo) -> Algorithm:

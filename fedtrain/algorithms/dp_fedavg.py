@@ -20,8 +20,9 @@ def dp_fedavg(client_tx: optax.GradientTransformation, noise_multiplier: float, 
               server_tx: optax.GradientTransformation | None = None, adaptive_clipping: bool = False,
               target_quantile: float = 0.5, clip_learning_rate: float = 0.2,
               count_stddev: float | None = None) -> Algorithm:
-    """DP-FedAvg; ``clip_norm`` is the initial norm when ``adaptive_clipping`` (count noise
-    ``count_stddev`` defaults to ``expected_clients_per_round / 20``, as in the paper)."""
+    """DP-FedAvg; ``clip_norm`` is the initial norm when ``adaptive_clipping``. The clipped-count
+    noise ``count_stddev`` defaults to ``expected_clients_per_round / 20`` (the paper's choice), and to
+    at least ``noise_multiplier`` so the update noise stays within 1.16x of it for small cohorts."""
     check_nonnegative(noise_multiplier=noise_multiplier, clip_norm=clip_norm,
                       server_learning_rate=server_learning_rate, clip_learning_rate=clip_learning_rate)
     if not clip_norm > 0:
@@ -30,7 +31,7 @@ def dp_fedavg(client_tx: optax.GradientTransformation, noise_multiplier: float, 
         raise ValueError(f"expected_clients_per_round must be > 0, got {expected_clients_per_round}.")
     z = float(noise_multiplier)
     if adaptive_clipping:
-        s = expected_clients_per_round / 20 if count_stddev is None else float(count_stddev)
+        s = max(expected_clients_per_round / 20, z) if count_stddev is None else float(count_stddev)
         if z == 0:
             s = 0.0
         clipper = adaptive_clip(clip_norm, target_quantile, clip_learning_rate, s, expected_clients_per_round)

@@ -73,9 +73,9 @@ def _build(name: str, base_tx: optax.GradientTransformation, server_learning_rat
         g, n = total
         return bc._replace(control=jax.tree.map(lambda x: safe_div(x, n), g))
 
-    def client_init(model, bc, client_state, rng, prepass=None):
+    def client_init(model, bc, client_state, rng, *prepass):
         del model, client_state
-        return MimeLocal(bc.params, rng, () if full else prepass, bc)
+        return MimeLocal(bc.params, rng, () if full else prepass[0], bc)
 
     def client_step(model, local, batch):
         bc = local.bc

@@ -95,9 +95,9 @@ def with_client_hyperparams(algorithm):
     def broadcast(s):
         return algorithm.broadcast(s.state), s.client
 
-    def client_init(model, b, client_state, rng):
+    def client_init(model, b, client_state, rng, *prepass):
         inner, values = b
-        local = algorithm.client_init(model, inner, client_state, rng)
+        local = algorithm.client_init(model, inner, client_state, rng, *prepass)
 
         def put(node):
             if not _is_injected(node):
@@ -113,9 +113,16 @@ def with_client_hyperparams(algorithm):
     def client_final(model, b, local, num_examples):
         return algorithm.client_final(model, b[0], local, num_examples)
 
-    def server_update(s, aggregate):
-        new, metrics = algorithm.server_update(s.state, aggregate)
+    def server_update(s, aggregate, *stats):
+        new, metrics = algorithm.server_update(s.state, aggregate, *stats)
         return WithClientHyperparams(new, s.client), metrics
 
+    pre = algorithm.prepass
+    if pre is not None:  # the pass sees the algorithm's own broadcast
+        pre = pre._replace(init=lambda model, b: algorithm.prepass.init(model, b[0]),
+                           step=lambda model, b, acc, batch: algorithm.prepass.step(model, b[0], acc, batch),
+                           cohort=None if pre.cohort is None else lambda b, total: (pre.cohort(b[0], total), b[1]))
+    bind = None if algorithm.bind is None else (lambda info: with_client_hyperparams(algorithm.bind(info)))
     return algorithm._replace(init=init, broadcast=broadcast, client_init=client_init, client_final=client_final,
-                              server_update=server_update, params=lambda s: algorithm.params(s.state))
+                              server_update=server_update, params=lambda s: algorithm.params(s.state),
+                              prepass=pre, bind=bind)
