@@ -480,7 +480,7 @@ class _RoundFeeder:
             raise ValueError(f"round {r + 1}: sampler {sampler!r} returned {idx.size} clients, more than its "
                              f"max_cohort {capacity}.")
         ids = [pop.ids[i] for i in idx]
-        layout = t.engine.layout(pop.steps, capacity)
+        layout = t.engine.layout(pop.steps, capacity, cohort_steps=pop.steps[idx])
         plan = build_round(self.data, ids, idx, pop.sizes[idx], self.spec, layout, t._feature_specs, t.seed, r,
                            local_lanes=t.engine.local_lanes(layout.lanes))
         device_batch = None if t.backend == "debug" else t.engine.put_lanes(plan.batch)

@@ -240,3 +240,35 @@ def test_lane_groups_scan_over_vmapped_groups_and_agree(data):
     with pytest.raises(ValueError, match="lane_group must be >= 1"):
         fedtrain.FederatedTrainer(TinyMLP(rngs=nnx.Rngs(0)), data, fedtrain.algorithms.fedavg(optax.sgd(0.1)),
                                   lane_group=0)
+
+
+def test_capacity_follows_the_cohort_and_grows_once_for_a_heavy_cohort():
+    from fedtrain.engine.plan import likely_lane_load, make_layout
+    steps = np.array([500] + [2] * 999)  # one huge client among many small ones
+    usual = make_layout(steps, 10, 1)
+    worst = make_layout(steps, 10, 1, worst_case=True)
+    assert worst.capacity == 500 + 9 * 2
+    assert usual.capacity == likely_lane_load(steps, 10, 1) < worst.capacity
+    rng = np.random.default_rng(0)
+    clients = {f"c{i:04d}": {"x": rng.normal(size=(n, 8)).astype(np.float32),
+                              "y": rng.integers(0, 3, n).astype(np.int32)}
+               for i, n in enumerate([400] + [3] * 299)}
+    data = fedtrain.InMemoryFederatedData(clients)
+
+    def fit(sampler=None):
+        trainer = fedtrain.FederatedTrainer(TinyMLP(rngs=nnx.Rngs(0)), data, fedtrain.algorithms.fedavg(optax.sgd(0.1)),
+                                            seed=1, sampler=sampler)
+        trainer.fit(rounds=6, clients_per_round=4, batch_size=2, verbose=0)
+        return trainer
+
+    class BigFirstInRound3(fedtrain.samplers.UniformSampler):
+        def sample(self, seed, round_index, population, k):
+            cohort = super().sample(seed, round_index, population, k)
+            return np.concatenate([[0], [i for i in cohort if i != 0][: k - 1]]) if round_index == 3 else cohort
+
+    plain = fit()
+    assert plain.engine.compilations == 1 and not plain.engine._worst_case
+    heavy = fit(BigFirstInRound3())
+    assert heavy.engine.compilations == 2 and heavy.engine._worst_case  # round 4's cohort did not fit
+    assert heavy.history.history["num_examples"][3] >= 400
+    assert np.all(np.isfinite(heavy.history.history["loss"]))

@@ -10,7 +10,7 @@ import numpy as np
 
 from fedtrain.algorithms.base import Algorithm, RunInfo, bound
 from fedtrain.engine.debug import ClientStepError, run_round_debug
-from fedtrain.engine.plan import BatchSpec, Layout, RoundPlan, build_round, make_layout
+from fedtrain.engine.plan import BatchSpec, Layout, RoundPlan, build_round, lane_loads, make_layout
 from fedtrain.engine.round import CLIENT_AXIS, RoundOutput, make_round_fn
 from fedtrain.models.adapter import Model
 
@@ -49,6 +49,7 @@ class Engine:
         self._population: tuple[int | None, int | None] = (None, None)
         self.mesh = None
         self._warned_uneven = False
+        self._worst_case = False
         if self.backend == "sharded":
             from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -75,9 +76,13 @@ class Engine:
             return self.mesh.size * self._grouped(self.lanes_per_device(clients_per_round))
         return 1
 
-    def layout(self, step_counts, clients_per_round: int) -> Layout:
+    def layout(self, step_counts, clients_per_round: int, cohort_steps=None) -> Layout:
         """The round layout for a population with these step counts; also records the population
-        size and cohort size that :meth:`run_info` reports to algorithms."""
+        size and cohort size that :meth:`run_info` reports to algorithms.
+
+        If ``cohort_steps`` (the sampled cohort's step counts) does not fit the usual capacity,
+        the engine switches to the worst-case capacity for good (one more compilation).
+        """
         self._population = (len(step_counts), int(clients_per_round))
         lanes = self.lanes_for(clients_per_round)
         if self.backend == "sharded":
@@ -86,9 +91,14 @@ class Engine:
                 warnings.warn(f"{clients_per_round} clients per round over {lanes} lanes on {self.mesh.size} devices: "
                               "the cohort is padded with empty slots; a multiple of the device count keeps every "
                               "device busy.", RuntimeWarning, stacklevel=3)
-            return make_layout(step_counts, clients_per_round, lanes, exact_lanes=True,
-                               bucketed=self.lanes_per_device(clients_per_round) == 1)
-        return make_layout(step_counts, clients_per_round, lanes, exact_lanes=lanes > clients_per_round)
+            kwargs = dict(exact_lanes=True, bucketed=self.lanes_per_device(clients_per_round) == 1)
+        else:
+            kwargs = dict(exact_lanes=lanes > clients_per_round)
+        layout = make_layout(step_counts, clients_per_round, lanes, worst_case=self._worst_case, **kwargs)
+        if cohort_steps is not None and not self._worst_case and lane_loads(cohort_steps, layout).max() > layout.capacity:
+            self._worst_case = True  # an unusually heavy cohort: size lanes for the largest clients from now on
+            layout = make_layout(step_counts, clients_per_round, lanes, worst_case=True, **kwargs)
+        return layout
 
     # ------------------------------------------------------------------ device placement
     def local_lanes(self, lanes: int) -> list[int] | None:

@@ -86,16 +86,41 @@ class Layout(NamedTuple):
 
 
 def make_layout(step_counts: np.ndarray, clients_per_round: int, lanes: int, *, exact_lanes: bool = False,
-                bucketed: bool | None = None) -> Layout:
-    """The smallest layout that holds *any* cohort of the population.
+                bucketed: bool | None = None, worst_case: bool = False) -> Layout:
+    """Fixed shapes for every cohort of ``clients_per_round`` clients of this population.
 
+    The lane capacity is the smaller of the worst case (the ``slots`` largest clients in one
+    lane) and :func:`likely_lane_load`, so memory follows the cohort, not the population's
+    largest clients; ``worst_case=True`` takes the former (after a cohort did not fit).
     ``lanes`` is capped at the cohort size unless ``exact_lanes`` (sharded rounds need one
     lane per device even when some stay empty).
     """
     lanes = max(1, int(lanes) if exact_lanes else min(int(lanes), clients_per_round))
     slots = math.ceil(clients_per_round / lanes)
-    top = np.sort(np.asarray(step_counts))[::-1][:slots]
-    return Layout(lanes, slots, max(1, int(top.sum())), bucketed)
+    steps = np.asarray(step_counts, np.int64)
+    capacity = int(np.sort(steps)[::-1][:slots].sum())
+    if not worst_case:
+        capacity = min(capacity, likely_lane_load(steps, clients_per_round, lanes))
+    return Layout(lanes, slots, max(1, capacity), bucketed)
+
+
+def likely_lane_load(step_counts: np.ndarray, clients_per_round: int, lanes: int) -> int:
+    """Steps of the busiest lane that a uniformly sampled cohort exceeds with negligible probability:
+    the cohort total's mean plus 4 standard deviations (sampling without replacement), spread over
+    the lanes, plus (several lanes) the largest client for the longest-first imbalance."""
+    steps = np.asarray(step_counts, np.float64)
+    n, k = len(steps), min(int(clients_per_round), len(step_counts))
+    shrink = (n - k) / max(n - 1, 1)
+    total = k * steps.mean() + 4.0 * math.sqrt(k * steps.var() * shrink)
+    return int(math.ceil(total / lanes) + (steps.max() if lanes > 1 else 0))
+
+
+def lane_loads(cohort_steps: Sequence[int], layout: Layout) -> np.ndarray:
+    """Steps each lane gets when this cohort is placed longest-first."""
+    loads = np.zeros(layout.lanes, np.int64)
+    for (lane, _), k in zip(assign_lanes(list(cohort_steps), layout), cohort_steps):
+        loads[lane] += int(k)
+    return loads
 
 
 class FeatureSpec(NamedTuple):
