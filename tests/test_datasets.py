@@ -171,3 +171,11 @@ def test_synthetic_presets():
         sub.get_client(e.client_ids[6])
     data = emnist.load_data("train", source="synthetic")
     assert data.get_client(data.client_ids[0])["x"].shape[1:] == (28, 28, 1)
+
+
+def test_synthetic_stackoverflow_never_targets_bos():
+    from fedtrain.datasets import stackoverflow
+    data = stackoverflow.load_data("train", source="synthetic")
+    for cid in data.client_ids[:20]:
+        ex = data.get_client(cid)
+        assert not np.any(ex["y"] == stackoverflow.BOS) and ex["y"].dtype == np.int32

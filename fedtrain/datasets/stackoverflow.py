@@ -128,9 +128,11 @@ def load_data(split: str = "train", *, source: str = "fedjax", vocab_size: int =
         if split not in SPLITS["synthetic"]:
             raise ValueError(f"unknown split {split!r}; use one of {SPLITS['synthetic']}.")
         vocab = vocab_size + 3 + num_oov_buckets
-        return SyntheticFederatedData.like("stackoverflow", seed=SPLITS["synthetic"].index(split), features={
+        data = SyntheticFederatedData.like("stackoverflow", seed=SPLITS["synthetic"].index(split), features={
             "x": ((max_length,), "int32", vocab), "y": ((max_length,), "int32", vocab),
             "domain_id": ((), "int32", 2)})
+        # BOS only ever starts x; as a target it would be unreachable (the model masks its logit).
+        return data.preprocess(lambda ex: {**ex, "y": np.where(ex["y"] == BOS, EOS, ex["y"]).astype(np.int32)})
     raw = raw_split(split, source=source, cache_dir=cache_dir, progress=progress)
     tokenizer = Tokenizer.from_word_count(download(WORD_COUNT, cache_dir, progress=progress), vocab_size,
                                           num_oov_buckets)
