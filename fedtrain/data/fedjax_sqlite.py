@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 import numpy as np
 
 from fedtrain.data.codec import CodecError, decode_examples, encode_examples
 from fedtrain.data.federated_data import ClientId, Examples, num_examples_of
-from fedtrain.data.store import AtomicFile, FileStore, StoreError, validated
+from fedtrain.data.store import AtomicFile, FileStore, StoreError, StoreWriter, validated
 
 SCHEMA = """CREATE TABLE federated_data (
   client_id BLOB NOT NULL PRIMARY KEY,
@@ -105,7 +105,7 @@ class FedjaxSQLiteData(FileStore):
         return examples
 
 
-class FedjaxSQLiteWriter:
+class FedjaxSQLiteWriter(StoreWriter):
     """Writes a FedJAX SQLite file: ``add(client_id, examples)`` then ``close()`` (or use ``with``).
 
     The file appears under its name only once closed without error.
@@ -127,10 +127,6 @@ class FedjaxSQLiteWriter:
             raise ValueError(f"client id {client_id!r} is written twice to {self.path}; client ids must be unique.") from None
         self.num_clients += 1
 
-    def add_many(self, items: Iterable[tuple[ClientId, Mapping[str, np.ndarray]]]) -> None:
-        for cid, ex in items:
-            self.add(cid, ex)
-
     def close(self) -> None:
         self._con.commit()
         self._con.close()
@@ -139,15 +135,6 @@ class FedjaxSQLiteWriter:
     def abort(self) -> None:
         self._con.close()
         self._file.abort()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, *_):
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 def write_fedjax_sqlite(data, path: str | os.PathLike, *, overwrite: bool = False) -> str:

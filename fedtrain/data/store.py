@@ -167,6 +167,25 @@ class FileStore:
         return f"{type(self).__name__}({self.path!r}, num_clients={self.num_clients})"
 
 
+class StoreWriter:
+    """What every store writer shares: ``add_many``, and as a context manager ``close`` on
+    success and ``abort`` (nothing left at the target path) on error. Subclasses define
+    ``add(client_id, examples)``, ``close()`` and ``abort()``."""
+
+    def add_many(self, items: Iterable[tuple[ClientId, Mapping[str, np.ndarray]]]) -> None:
+        for cid, ex in items:
+            self.add(cid, ex)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *_):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
 def validated(client_id: ClientId, examples: Mapping[str, np.ndarray], where: str) -> tuple[dict, int]:
     """``(arrays, num_examples)`` of a client about to be written; clear error if ragged."""
     arrays = {str(k): np.asarray(v) for k, v in examples.items()}

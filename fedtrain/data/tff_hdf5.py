@@ -8,13 +8,13 @@ Text features are variable-length strings, read back as object arrays of
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 import h5py
 import numpy as np
 
 from fedtrain.data.federated_data import ClientId, Examples, num_examples_of
-from fedtrain.data.store import AtomicFile, FileStore, StoreError, validated
+from fedtrain.data.store import AtomicFile, FileStore, StoreError, StoreWriter, validated
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
@@ -87,7 +87,7 @@ class TFFHDF5Data(FileStore):
         return examples
 
 
-class TFFHDF5Writer:
+class TFFHDF5Writer(StoreWriter):
     """Writes a TFF HDF5 file: ``add(client_id, examples)``, then ``close()`` (or use ``with``)."""
 
     def __init__(self, path: str | os.PathLike, *, overwrite: bool = False, compression: str | None = None):
@@ -114,10 +114,6 @@ class TFFHDF5Writer:
             else:
                 group.create_dataset(name, data=arr, compression=self._compression)
 
-    def add_many(self, items: Iterable[tuple[ClientId, Mapping[str, np.ndarray]]]) -> None:
-        for cid, ex in items:
-            self.add(cid, ex)
-
     def close(self) -> None:
         self._h5.close()
         self._file.commit()
@@ -125,15 +121,6 @@ class TFFHDF5Writer:
     def abort(self) -> None:
         self._h5.close()
         self._file.abort()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, *_):
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 def write_tff_hdf5(data, path: str | os.PathLike, *, overwrite: bool = False, compression: str | None = None) -> str:

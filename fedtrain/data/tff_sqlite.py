@@ -25,7 +25,7 @@ import numpy as np
 
 from fedtrain.data.federated_data import ClientId, Examples
 from fedtrain.data.fedjax_sqlite import connect_readonly, sqlite_tables
-from fedtrain.data.store import AtomicFile, FileStore, StoreError, validated
+from fedtrain.data.store import AtomicFile, FileStore, StoreError, StoreWriter, validated
 from fedtrain.data.tf_example import BYTES, KIND_NAMES, ExampleParseError, parse_example, serialize_example
 
 SCHEMA = """
@@ -154,7 +154,7 @@ class TFFSQLiteData(FileStore):
         return stack_examples(protos, client_id, self.path, self.features)
 
 
-class TFFSQLiteWriter:
+class TFFSQLiteWriter(StoreWriter):
     """Writes splits of a TFF SQLite file: ``add(client_id, examples, split=...)``, then ``close()``."""
 
     def __init__(self, path: str | os.PathLike, *, overwrite: bool = False):
@@ -191,15 +191,6 @@ class TFFSQLiteWriter:
     def abort(self) -> None:
         self._con.close()
         self._file.abort()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, *_):
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 def write_tff_sqlite(splits: Mapping[str, object], path: str | os.PathLike, *, overwrite: bool = False) -> str:
