@@ -133,8 +133,8 @@ def cifar100_task(tiny: bool):
     data = fedtrain.InMemoryFederatedData(client_arrays("cifar100", tiny))
     sizes = dict(width=4, blocks=(1, 1, 1, 1)) if tiny else {}
     module = ResNet18(100, **sizes, rngs=nnx.Rngs(0))
-    return module, data, flags["client_lr"], _server_tx(flags), fedtrain.metrics.get("sparse_categorical_crossentropy"), \
-        "x", "y"
+    loss = fedtrain.metrics.get("sparse_categorical_crossentropy")
+    return module, data, flags["client_lr"], _server_tx(flags), loss, "x", "y"
 
 
 def register() -> None:
@@ -232,7 +232,8 @@ def table(results: list[dict]) -> str:
             return "" if value is None else f"{value:.2f}x"
         pad, comp = res.get("padding_efficiency"), res.get("compilations")
         rows.append(f"| {res['workload']} | {res['impl']} | {res['first_round_s']:.1f} | {res['s_per_round']:.2f} | "
-                    f"{res['examples_per_s']:.1f} {unit} | {ratio('ratio_to_reference')} | {ratio('ratio_to_fedjax')} | "
+                    f"{res['examples_per_s']:.1f} {unit} | {ratio('ratio_to_reference')} | "
+                    f"{ratio('ratio_to_fedjax')} | "
                     f"{'' if pad is None else f'{pad:.3f}'} | {'' if comp is None else comp} | "
                     f"{res['peak_rss_mb']:.0f} |")
     return "\n".join(rows)

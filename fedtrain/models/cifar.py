@@ -15,6 +15,7 @@ downsampling layout. Either way: 11,227,812 parameters for 100 classes.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import jax
@@ -136,7 +137,7 @@ class CifarLogistic(nnx.Module):
 
     def __init__(self, num_classes: int = NUM_CLASSES, image_shape: Sequence[int] = (CROP_SIZE, CROP_SIZE, 3), *,
                  rngs: nnx.Rngs):
-        self.num_inputs = int(jnp.prod(jnp.array(image_shape)))
+        self.num_inputs = math.prod(image_shape)
         self.dense = nnx.Linear(self.num_inputs, num_classes, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
