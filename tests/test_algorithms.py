@@ -24,6 +24,7 @@ ALGORITHMS = {
     "scaffold": lambda: scaffold(0.1),
     "mime": lambda: mime(optax.sgd(0.1, momentum=0.9)),
     "mime_lite": lambda: mime_lite(optax.adam(0.02), client_delta_clip_norm=0.5),
+    "mime_lite_first_batch": lambda: mime_lite(optax.sgd(0.1, momentum=0.9), full_batch_gradient=False),
     "agnostic_fedavg": lambda: agnostic_fedavg(optax.sgd(0.1), [0.5, 0.5], domain_learning_rate=0.5),
     "hypcluster": lambda: hypcluster(optax.sgd(0.1), 2, init_noise=0.1),
     "dp_fedavg": lambda: dp_fedavg(optax.sgd(0.1), noise_multiplier=0.3, clip_norm=0.5, expected_clients_per_round=4),
@@ -241,19 +242,21 @@ def test_scaffold_matches_numpy_with_partial_participation():
         np.testing.assert_allclose(pure(pb.trainer.client_states.get(cid))["dense"]["bias"], ci[cid][1], atol=1e-5)
 
 
-@pytest.mark.parametrize("full", [False, True], ids=["mime_lite", "mime"])
-def test_mime_matches_numpy(full):
+@pytest.mark.parametrize("full,full_batch", [(False, True), (True, True), (False, False)],
+                         ids=["mime_lite", "mime", "mime_lite_first_batch"])
+def test_mime_matches_numpy(full, full_batch):
     beta, server_lr, clip = 0.8, 0.9, 0.4
     pb = Problem(rounds=3)
     base_tx = optax.sgd(CLIENT_LR, momentum=beta)
-    w, b = pb.train(mime(base_tx, server_lr) if full else mime_lite(base_tx, server_lr, client_delta_clip_norm=clip))
+    w, b = pb.train(mime(base_tx, server_lr) if full else
+                    mime_lite(base_tx, server_lr, client_delta_clip_norm=clip, full_batch_gradient=full_batch))
     m = (np.zeros_like(w), np.zeros_like(b))  # server momentum trace, frozen on clients
     for r, cohort in enumerate(pb.cohorts):
         # full-batch gradients at the server model, weighted by examples
         grads = []
         for cid in cohort:
             x, y = pb.xy(cid)
-            idx = np.concatenate(pb.batches(cid, r))
+            idx = np.concatenate(pb.batches(cid, r)) if full_batch else pb.batches(cid, r)[0]
             gw, gb = softmax_grad(w, b, x[idx], y[idx])
             grads.append((gw * len(idx), gb * len(idx), len(idx)))
         n_all = sum(g[2] for g in grads)

@@ -3,7 +3,9 @@ state (momentum, Adam moments, ...) frozen; only the server updates that state, 
 full-batch gradient of the cohort at the broadcast model.
 
 - MimeLite: local steps use the plain minibatch gradient ``g(y)``. Each client computes its
-  full-batch gradient at ``x`` in a pass over its batches before training; deltas may be clipped.
+  full-batch gradient at ``x`` in a pass over its batches before training (or, with
+  ``full_batch_gradient=False``, reuses its first local step's minibatch gradient, taken at ``x``,
+  at no extra cost); deltas may be clipped.
 - Mime: local steps use ``g(y) - g(x) + c`` with ``c`` the cohort's full-batch gradient at ``x``,
   computed in a pass over the whole cohort before training.
 
@@ -56,7 +58,8 @@ def _gradient_pass() -> Prepass:
 
 
 def _build(name: str, base_tx: optax.GradientTransformation, server_learning_rate: float, full: bool,
-           client_delta_clip_norm: float | None, aggregator: Aggregator | None) -> Algorithm:
+           client_delta_clip_norm: float | None, aggregator: Aggregator | None,
+           full_batch_gradient: bool = True) -> Algorithm:
     check_nonnegative(server_learning_rate=server_learning_rate)
     if client_delta_clip_norm is not None and not client_delta_clip_norm > 0:
         raise ValueError(f"client_delta_clip_norm must be > 0, got {client_delta_clip_norm}.")
@@ -75,12 +78,22 @@ def _build(name: str, base_tx: optax.GradientTransformation, server_learning_rat
 
     def client_init(model, bc, client_state, rng, *prepass):
         del model, client_state
-        return MimeLocal(bc.params, rng, () if full else prepass[0], bc)
+        if full:
+            return MimeLocal(bc.params, rng, (), bc)
+        if full_batch_gradient:
+            return MimeLocal(bc.params, rng, prepass[0], bc)
+        return MimeLocal(bc.params, rng, (tree_zeros(bc.params), jax.numpy.zeros((), jax.numpy.float32)), bc)
 
     def client_step(model, local, batch):
         bc = local.bc
         rng, step_rng = jax.random.split(local.rng)
         grads, sums = grad_and_metrics(model, local.params, batch, step_rng)
+        if not full and not full_batch_gradient:  # the first step is taken at x: keep its gradient
+            first = local.full_grad[1] == 0
+            count = sums["loss"][1]
+            local = local._replace(full_grad=(
+                jax.tree.map(lambda a, g: jax.numpy.where(first, g * count, a), local.full_grad[0], grads),
+                jax.numpy.where(first, count, local.full_grad[1])))
         if full:
             old, _ = grad_and_metrics(model, bc.params, batch, step_rng)
             grads = tree_add(tree_sub(grads, old), bc.control)
@@ -106,7 +119,10 @@ def _build(name: str, base_tx: optax.GradientTransformation, server_learning_rat
         return state._replace(params=params, opt_state=opt_state), {}
 
     prepass = Prepass(gradient_pass.init, gradient_pass.step, cohort if full else None)
-    hp = {"server_learning_rate": server_learning_rate, "client_delta_clip_norm": client_delta_clip_norm}
+    if not full and not full_batch_gradient:
+        prepass = None
+    hp = {"server_learning_rate": server_learning_rate, "client_delta_clip_norm": client_delta_clip_norm,
+          "full_batch_gradient": full_batch_gradient}
     return Algorithm(name, init, broadcast, client_init, client_step, client_final, server_update,
                      lambda s: s.params, agg, hyperparams=hp, prepass=prepass)
 
@@ -118,6 +134,10 @@ def mime(base_tx: optax.GradientTransformation, server_learning_rate: float = 1.
 
 
 def mime_lite(base_tx: optax.GradientTransformation, server_learning_rate: float = 1.0, *,
-              client_delta_clip_norm: float | None = None, aggregator: Aggregator | None = None) -> Algorithm:
-    """MimeLite: frozen-state ``base_tx`` steps on plain minibatch gradients; optional delta clipping."""
-    return _build("mime_lite", base_tx, server_learning_rate, False, client_delta_clip_norm, aggregator)
+              client_delta_clip_norm: float | None = None, full_batch_gradient: bool = True,
+              aggregator: Aggregator | None = None) -> Algorithm:
+    """MimeLite: frozen-state ``base_tx`` steps on plain minibatch gradients; optional delta clipping.
+    ``full_batch_gradient=False`` feeds the server optimizer the clients' first-step minibatch
+    gradients at ``x`` instead of full-batch ones (one gradient pass per client saved)."""
+    return _build("mime_lite", base_tx, server_learning_rate, False, client_delta_clip_norm, aggregator,
+                  full_batch_gradient)
