@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -300,7 +301,7 @@ def main(argv=None) -> dict:
             rows.append(ref)
         if python is not None:
             if spec["task"] not in FEDJAX_TASKS:
-                note = f"{name}: FedJAX has no {spec['task']} ResNet-18 model; not run."
+                note = f"{name}: FedJAX has no ResNet-18 (only a CIFAR-100 logistic model); not run."
                 notes.append(note)
                 print(note, flush=True)
             else:
@@ -314,6 +315,7 @@ def main(argv=None) -> dict:
                     print(err, file=sys.stderr, flush=True)
         results.extend(rows)
         print(table(rows).split("\n", 2)[-1], flush=True)
+    shutil.rmtree(workdir, ignore_errors=True)
 
     report = {"benchmark": "suite", "machine": rt.machine(), "tiny": args.tiny, "quick": args.quick,
               "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "fedjax": python is not None, "notes": notes,
