@@ -188,3 +188,22 @@ def test_callback_state_is_checkpointed(tmp_path):
     make_trainer().fit(rounds=4, **FIT, callbacks=[Fake(), again, OrbaxCheckpoint(tmp_path)])
     assert (again.best, again.wait, again.best_round) == (2.0, 2, 1)
     assert stateful  # the helper module is shared with the subprocess tests
+
+
+def test_early_stopping_best_weights_survive_a_resume(tmp_path):
+    def callbacks():
+        es = EarlyStopping(monitor="loss", patience=100, restore_best_weights=True)
+        return es, [es, OrbaxCheckpoint(tmp_path)]
+
+    es, cbs = callbacks()
+    first = make_trainer()
+    first.fit(rounds=3, **FIT, callbacks=cbs)
+    best = es.best_weights
+    assert best is not None
+    meta = json.loads((tmp_path / "3" / "metadata" / "metadata").read_text())
+    assert meta["callback_array_keys"] == ["0:EarlyStopping"]
+    es2, cbs2 = callbacks()
+    resumed = make_trainer()
+    resumed.fit(rounds=3, **FIT, callbacks=cbs2)  # nothing left to train: only the restore runs
+    assert resumed.round == 3 and tree_equal(es2.best_weights, best)
+    assert es2.best == es.best and es2.best_round == es.best_round

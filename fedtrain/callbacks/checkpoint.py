@@ -74,6 +74,16 @@ def _stack_clients(trainer) -> tuple[list[str], dict[str, np.ndarray] | None]:
     return ids, {f"leaf_{i:04d}": np.stack([rows[c][i] for c in ids]) for i in range(n)}
 
 
+def _callback_arrays(trainer) -> dict[str, Any]:
+    """Server-state-shaped pytrees that callbacks keep (e.g. EarlyStopping's best weights)."""
+    out = {}
+    for i, cb in enumerate(getattr(trainer.callbacks, "callbacks", None) or []):
+        tree = cb.array_state() if hasattr(cb, "array_state") else None
+        if tree is not None:
+            out[f"{i}:{type(cb).__name__}"] = tree
+    return out
+
+
 def _callback_states(trainer) -> dict[str, Any]:
     out = {}
     for i, cb in enumerate(getattr(trainer.callbacks, "callbacks", []) or []):
@@ -110,6 +120,7 @@ def _metadata(trainer, completed: int, history: dict, client_ids: list[str], cli
         "client_hyperparams": {k: float(v) for k, v in trainer.client_hyperparams.items()},
         "history": history,
         "callbacks": _callback_states(trainer),
+        "callback_array_keys": sorted(_callback_arrays(trainer)),
         "checksum": _checksum(trainer.server_state, client_rows),
         **extra,
     }
@@ -191,6 +202,11 @@ def _load_step(trainer, directory: Path, step: int) -> dict:
         if meta.get("client_ids"):
             rows = ckptr.restore(step_dir / "client_states", args=ocp.args.StandardRestore())
             rows = {k: np.asarray(v) for k, v in rows.items()}
+        arrays = {}
+        if (step_dir / "callback_arrays").exists():
+            keys = meta.get("callback_array_keys") or []
+            arrays = ckptr.restore(step_dir / "callback_arrays",
+                                   args=ocp.args.StandardRestore({k: abstract for k in keys}))
     finally:
         ckptr.close()
     if _checksum(server_state, rows) != meta.get("checksum"):
@@ -201,11 +217,12 @@ def _load_step(trainer, directory: Path, step: int) -> dict:
         client_states = {cid: [rows[n][i] for n in names] for i, cid in enumerate(meta["client_ids"])}
     return {"server_state": server_state, "client_states": client_states, "round": meta["round"],
             "seed": meta["seed"], "algorithm": meta["algorithm"], "history": meta.get("history"),
-            "client_hyperparams": meta.get("client_hyperparams"), "meta": meta}
+            "client_hyperparams": meta.get("client_hyperparams"), "meta": meta, "callback_arrays": arrays}
 
 
 def _apply(trainer, state: dict) -> None:
     meta = state.pop("meta")
+    arrays = state.pop("callback_arrays", None) or {}
     if int(meta["seed"]) != trainer.seed:
         warnings.warn(f"the checkpoint was written with seed {meta['seed']}, this trainer has seed {trainer.seed}; "
                       "the remaining rounds follow this trainer's seed.", UserWarning, stacklevel=4)
@@ -218,6 +235,8 @@ def _apply(trainer, state: dict) -> None:
         key = f"{i}:{type(cb).__name__}"
         if key in saved and hasattr(cb, "load_state_dict") and not isinstance(cb, History):
             cb.load_state_dict(saved[key])
+        if key in arrays and hasattr(cb, "load_array_state"):
+            cb.load_array_state(arrays[key])
 
 
 def _set_aside(directory: Path, step: int) -> None:
@@ -348,7 +367,7 @@ class OrbaxCheckpoint(Callback):
             max_to_keep=self.max_to_keep, create=True, cleanup_tmp_directories=True,
             enable_async_checkpointing=self.async_save)
         self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                              item_names=("server_state", "client_states", "metadata"))
+                                              item_names=("server_state", "client_states", "callback_arrays", "metadata"))
 
     def on_train_begin(self, logs=None) -> None:
         self.restored_round = None
@@ -401,6 +420,9 @@ class OrbaxCheckpoint(Callback):
                  "metadata": ocp.args.JsonSave(meta)}
         if rows is not None:
             items["client_states"] = ocp.args.StandardSave(rows)
+        arrays = _callback_arrays(trainer)
+        if arrays:
+            items["callback_arrays"] = ocp.args.StandardSave(arrays)
         try:
             if completed in (self._manager.all_steps() or []):
                 self._manager.delete(completed)

@@ -104,6 +104,13 @@ class EarlyStopping(Callback):
         self.best_round = int(state["best_round"])
         self.stopped_round = int(state["stopped_round"])
 
+    def array_state(self):
+        """The best round's server state (checkpointed, so ``restore_best_weights`` survives a resume)."""
+        return self.best_weights if self.restore_best_weights else None
+
+    def load_array_state(self, tree) -> None:
+        self.best_weights = tree
+
 
 class TerminateOnNaN(Callback):
     """Stops training at the first round whose loss is NaN or infinite, naming the clients that
