@@ -107,12 +107,13 @@ def make_layout(step_counts: np.ndarray, clients_per_round: int, lanes: int, *, 
 def likely_lane_load(step_counts: np.ndarray, clients_per_round: int, lanes: int) -> int:
     """Steps of the busiest lane that a uniformly sampled cohort exceeds with negligible probability:
     the cohort total's mean plus 4 standard deviations (sampling without replacement), spread over
-    the lanes, plus (several lanes) the largest client for the longest-first imbalance."""
+    the lanes, plus the largest client (heavy tails: one big client dominates a cohort's sum; and
+    the longest-first imbalance between lanes)."""
     steps = np.asarray(step_counts, np.float64)
     n, k = len(steps), min(int(clients_per_round), len(step_counts))
     shrink = (n - k) / max(n - 1, 1)
     total = k * steps.mean() + 4.0 * math.sqrt(k * steps.var() * shrink)
-    return int(math.ceil(total / lanes) + (steps.max() if lanes > 1 else 0))
+    return int(math.ceil(total / lanes) + steps.max())
 
 
 def lane_loads(cohort_steps: Sequence[int], layout: Layout) -> np.ndarray:
