@@ -4,7 +4,9 @@ Every round is a Gaussian mechanism with ``noise_multiplier`` ``z`` on clipped c
 applied to a cohort in which each client takes part with the sampler's sampling probability ``q``
 (Poisson subsampling, add-or-remove-one-client adjacency). ``R`` rounds compose to
 ``SelfComposedDpEvent(PoissonSampledDpEvent(q, GaussianDpEvent(z)), R)``; the RDP or PLD
-accountant turns that into ``epsilon`` at a given ``delta``.
+accountant turns that into ``epsilon`` at a given ``delta``. For samplers that draw a fixed number
+``k`` of ``N`` clients (e.g. ``UniformSampler``), ``q = k / N`` and the Poisson analysis is the
+usual approximation; ``PoissonSampler`` matches it exactly.
 """
 
 from __future__ import annotations
@@ -132,19 +134,21 @@ class DPAccountant(Callback):
     def on_train_begin(self, logs=None):
         z, q = self._resolve()
         self._event = round_event(z, q)
-        self._acc = make_accountant(self.accountant)
-        done = int(self.trainer.round)
-        if done:
-            self._acc.compose(self._event, done)
-        self.epsilon = float(self._acc.get_epsilon(self.delta)) if done else 0.0
+        self._acc = None  # composed at the first round, when the starting round is final
         if self.target_epsilon is not None:
-            first = compute_epsilon(z, q, max(done, 0) + 1, self.delta, self.accountant)
+            first = compute_epsilon(z, q, 1, self.delta, self.accountant)
             if first > self.target_epsilon:
                 raise ValueError(
-                    f"DPAccountant: target_epsilon={self.target_epsilon} is unreachable: "
-                    f"{'the first round' if not done else f'round {done + 1}'} already gives epsilon={first:.4g} "
-                    f"(noise_multiplier={z}, sampling probability {q:.4g}, delta={self.delta}). Raise the noise "
-                    "multiplier (see fedtrain.privacy.noise_multiplier_for) or the target.")
+                    f"DPAccountant: target_epsilon={self.target_epsilon} is unreachable: one round already gives "
+                    f"epsilon={first:.4g} (noise_multiplier={z}, sampling probability {q:.4g}, delta={self.delta}). "
+                    "Raise the noise multiplier (see fedtrain.privacy.noise_multiplier_for) or the target.")
+
+    def on_round_begin(self, round, logs=None):
+        if self._acc is None:  # rounds before this one (a continued or restored run) were spent already
+            self._acc = make_accountant(self.accountant)
+            if round:
+                self._acc.compose(self._event, int(round))
+        super().on_round_begin(round, logs)
 
     def on_round_end(self, round, logs=None):
         self._acc.compose(self._event)

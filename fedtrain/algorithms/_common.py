@@ -6,9 +6,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 
-from fedtrain.models.adapter import MASK_KEY, Model, metric_sums
+from fedtrain.models.adapter import MASK_KEY, Model
 
 PyTree = Any
 
@@ -52,11 +51,3 @@ def grad_sum(model: Model, params: PyTree, batch: dict):
 
     grads, count = jax.grad(total, has_aux=True)(params)
     return grads, count
-
-
-def local_sgd_metrics(model: Model, batch: dict, logits) -> dict:
-    return metric_sums(model, batch, logits)
-
-
-def server_sgd(learning_rate: float) -> optax.GradientTransformation:
-    return optax.sgd(learning_rate)

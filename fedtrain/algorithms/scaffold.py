@@ -38,7 +38,6 @@ class ScaffoldLocal(NamedTuple):
     params: Any
     rng: jax.Array
     correction: Any  # c - c_i
-    client_control: Any
     steps: jax.Array
 
 
@@ -61,8 +60,7 @@ def scaffold(client_learning_rate: float, server_learning_rate: float = 1.0, *,
 
         def client_init(model, bc, client_control, rng):
             del model
-            return ScaffoldLocal(bc.params, rng, tree_sub(bc.control, client_control), client_control,
-                                 jnp.zeros((), jnp.float32))
+            return ScaffoldLocal(bc.params, rng, tree_sub(bc.control, client_control), jnp.zeros((), jnp.float32))
 
         def client_step(model, local, batch):
             rng, step_rng = jax.random.split(local.rng)
@@ -73,10 +71,10 @@ def scaffold(client_learning_rate: float, server_learning_rate: float = 1.0, *,
         def client_final(model, bc, local, num_examples):
             del model
             delta = tree_sub(bc.params, local.params)
-            # c_i+ - c_i = (x - y_i) / (K lr) - c
-            control_delta = tree_sub(tree_scale(delta, 1.0 / (jnp.maximum(local.steps, 1.0) * lr)), bc.control)
-            return ClientOut(delta, num_examples, tree_add(local.client_control, control_delta),
-                             stats=control_delta)
+            scaled = tree_scale(delta, 1.0 / (jnp.maximum(local.steps, 1.0) * lr))  # (x - y_i) / (K lr)
+            # c_i+ = c_i - c + (x - y_i) / (K lr), and c_i - c = -correction
+            return ClientOut(delta, num_examples, tree_sub(scaled, local.correction),
+                             stats=tree_sub(scaled, bc.control))
 
         def server_update(state, mean_delta, control_delta_sum):
             if population is None:
