@@ -31,19 +31,18 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
         for name, f in info["features"].items():
             print(f"  feature {name}: shape [N{''.join(', ' + str(d) for d in f['shape'])}] dtype {f['dtype']}")
     if args.histogram:
-        import matplotlib
+        from fedtrain.callbacks.plots import _matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 3.5))
+        Figure, FigureCanvasAgg = _matplotlib()  # a clear error naming fedtrain[plots] if missing
+        fig = Figure(figsize=(6, 3.5))
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
         ax.hist(sizes, bins=min(50, max(1, len(np.unique(sizes)))))
         ax.set_xlabel("examples per client")
         ax.set_ylabel("clients")
         ax.set_title(f"{info['num_clients']:,} clients, {info['num_examples']:,} examples")
         fig.tight_layout()
         fig.savefig(args.histogram, dpi=100)
-        plt.close(fig)
         print(f"  histogram written to {args.histogram}")
     if hasattr(data, "close"):
         data.close()
@@ -416,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.handler(args)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError, RuntimeError, TypeError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError, RuntimeError, TypeError, ImportError) as err:
         print(f"fedtrain: error: {err}", file=sys.stderr)
         return 2
 
