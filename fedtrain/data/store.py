@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import copy
 import os
 import threading
@@ -16,7 +17,7 @@ class StoreError(ValueError):
     """A store file is missing, corrupt, truncated or has the wrong schema."""
 
 
-class FileStore:
+class FileStore(abc.ABC):
     """Base of a ``FederatedData`` read from a file, one client at a time.
 
     Subclasses fill ``_ids`` (in file order), ``_raw_sizes`` (``{id: n}``, or
@@ -43,8 +44,9 @@ class FileStore:
         self._sizes: dict[ClientId, int] = {}
 
     # -- per-thread handles ------------------------------------------------------------
+    @abc.abstractmethod
     def _open_handle(self):
-        raise NotImplementedError
+        """A new file handle for the calling thread."""
 
     def _handle(self):
         handle = getattr(self._local, "handle", None)
@@ -73,8 +75,9 @@ class FileStore:
         self.close()
 
     # -- subclass hooks ----------------------------------------------------------------
+    @abc.abstractmethod
     def _read(self, client_id: ClientId) -> Examples:
-        raise NotImplementedError
+        """One client's raw examples, read from the file."""
 
     def _raw_size(self, client_id: ClientId) -> int:
         return self._raw_sizes[client_id]
