@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from fedtrain import distributed
-from fedtrain.algorithms.base import Algorithm
+from fedtrain.algorithms.base import Algorithm, RunInfo, bound
 from fedtrain.callbacks.base import Callback, CallbackList, History
 from fedtrain.callbacks.progress import ProgressBar
 from fedtrain.client_states import ClientStateStore
@@ -208,6 +208,11 @@ class FederatedTrainer:
                 f"clients_per_round={clients_per_round} is larger than the {population.size} clients with data; "
                 f"use clients_per_round <= {population.size}.")
         self._check_model_on(data, population, spec)
+        # Algorithms that depend on the run (population size, features such as domain_id) raise here,
+        # before any callback runs; the engine binds them again per compiled round.
+        bound(self.engine.algorithm, RunInfo(population.size, max_cohort(self.sampler, population.size,
+                                                                         clients_per_round),
+                                             tuple(sorted(self._feature_specs))))
         verbose = (1 if sys.stdout.isatty() else 2) if verbose == "auto" else int(verbose)
         if jax.process_count() > 1:  # every process must run the same plan, or the collectives hang
             distributed.check_same_on_all_processes(

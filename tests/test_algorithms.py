@@ -486,9 +486,10 @@ def test_bad_hyperparameters_fail_at_construction():
 
 def test_missing_domain_id_is_a_clear_error(data):
     t = fedtrain.FederatedTrainer(Linear(features=8, rngs=nnx.Rngs(0)), data, ALGORITHMS["agnostic_fedavg"]())
+    began = []
     with pytest.raises(ValueError, match="domain_id.*features"):
-        t.fit(rounds=1, **FIT)
-    assert t.round == 0
+        t.fit(rounds=1, **FIT, callbacks=[fedtrain.callbacks.LambdaCallback(on_train_begin=lambda logs: began.append(1))])
+    assert t.round == 0 and began == []  # raised before any callback ran
 
 
 def test_scaffold_needs_population_outside_the_trainer():
