@@ -1,16 +1,62 @@
-"""Centralized evaluation: every example of every client, in fixed-size batches (one compile)."""
+"""Centralized evaluation: every example of every client, in fixed-size batches (one compile).
+
+For algorithms with several models (e.g. HypCluster) :meth:`Evaluator.evaluate_best_of` gives each
+client the model with the lowest loss on its selection data, then evaluates every client on its model.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedtrain.algorithms._common import example_losses
 from fedtrain.data.federated_data import FederatedData
 from fedtrain.engine.plan import feature_specs
 from fedtrain.models.adapter import MASK_KEY, Model, metric_sums
 
 DEFAULT_BATCH_SIZE = 128
+
+
+def _batches(data: FederatedData, client_ids: Sequence[str], batch_size: int) -> Iterator[tuple[dict, np.ndarray]]:
+    """Fixed-size batches over every example of ``client_ids`` in order, with ``MASK_KEY`` set, and the
+    position in ``client_ids`` of each example's client (-1 for padding). Each batch is a new buffer
+    (a jitted step may read the numpy memory asynchronously)."""
+    buffer: dict[str, np.ndarray] | None = None
+    owners = np.full((batch_size,), -1, np.int64)
+    fill = 0
+
+    def emit():
+        batch = dict(buffer)
+        batch[MASK_KEY] = (owners >= 0).astype(np.float32)
+        return batch, owners.copy()
+
+    for pos, cid in enumerate(client_ids):
+        examples = data.get_client(cid)
+        if buffer is None:
+            specs = feature_specs(examples)
+            buffer = {k: np.zeros((batch_size,) + s.shape, s.dtype) for k, s in specs.items()}
+        n = next(iter(examples.values())).shape[0] if examples else 0
+        start = 0
+        while start < n:
+            take = min(batch_size - fill, n - start)
+            for k in buffer:
+                if k not in examples:
+                    raise ValueError(f"client {cid!r} lacks feature {k!r} that other clients have.")
+                buffer[k][fill:fill + take] = examples[k][start:start + take]
+            owners[fill:fill + take] = pos
+            fill += take
+            start += take
+            if fill == batch_size:
+                yield emit()
+                buffer = {k: np.zeros_like(v) for k, v in buffer.items()}
+                owners[:] = -1
+                fill = 0
+    if fill:
+        yield emit()
 
 
 class Evaluator:
@@ -20,54 +66,72 @@ class Evaluator:
         self.model = model
         self._step = jax.jit(self._sums)
         self._apply = jax.jit(lambda p, x: model.apply(p, x, None, False))
+        self._model_losses = jax.jit(jax.vmap(lambda p, b: example_losses(model, p, b)[:2], in_axes=(0, None)))
 
     def _sums(self, params, batch):
         logits = self.model.apply(params, batch[self.model.input_key], None, False)
         return metric_sums(self.model, batch, logits)
 
-    def evaluate(self, params, data: FederatedData, *, batch_size: int | None = None) -> dict[str, float]:
-        bs = int(batch_size or DEFAULT_BATCH_SIZE)
+    def _totals(self, params, data: FederatedData, client_ids: Sequence[str], batch_size: int):
         totals = None
-        buffer: dict[str, np.ndarray] | None = None
-        fill = 0
-        specs = None
-
-        def flush(n_real: int):
-            # The step runs asynchronously and may read the numpy memory in place, so the
-            # buffer is handed over and a new one is started.
-            nonlocal totals, buffer
-            batch = dict(buffer)
-            mask = np.zeros((bs,), np.float32)
-            mask[:n_real] = 1.0
-            batch[MASK_KEY] = mask
+        for batch, _ in _batches(data, client_ids, batch_size):
             sums = self._step(params, batch)
             totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-            buffer = {k: np.zeros_like(v) for k, v in buffer.items()}
+        return None if totals is None else jax.device_get(totals)
 
-        for cid in data.client_ids:
-            examples = data.get_client(cid)
-            if specs is None:
-                specs = feature_specs(examples)
-                buffer = {k: np.zeros((bs,) + s.shape, s.dtype) for k, s in specs.items()}
-            n = next(iter(examples.values())).shape[0] if examples else 0
-            start = 0
-            while start < n:
-                take = min(bs - fill, n - start)
-                for k in buffer:
-                    if k not in examples:
-                        raise ValueError(f"client {cid!r} lacks feature {k!r} that other clients have.")
-                    buffer[k][fill:fill + take] = examples[k][start:start + take]
-                fill += take
-                start += take
-                if fill == bs:
-                    flush(bs)
-                    fill = 0
-        if fill:
-            flush(fill)
+    @staticmethod
+    def _means(totals) -> dict[str, float]:
         if totals is None:
             raise ValueError("the evaluation data has no examples.")
-        totals = jax.device_get(totals)
         return {name: float(s) / float(c) if float(c) > 0 else float("nan") for name, (s, c) in totals.items()}
+
+    def evaluate(self, params, data: FederatedData, *, batch_size: int | None = None) -> dict[str, float]:
+        return self._means(self._totals(params, data, list(data.client_ids), int(batch_size or DEFAULT_BATCH_SIZE)))
+
+    def choose_models(self, stacked, data: FederatedData, *, select_with: FederatedData | None = None,
+                      batch_size: int | None = None) -> dict[str, int]:
+        """``{client_id: j}``: for every client of ``data``, the model ``j`` (index on the leading axis of
+        ``stacked``) with the lowest mean loss on the client's examples in ``select_with`` (its own
+        examples in ``data`` when ``select_with`` lacks it). Ties go to the lowest index."""
+        bs = int(batch_size or DEFAULT_BATCH_SIZE)
+        ids = list(data.client_ids)
+        known = set(select_with.client_ids) if select_with is not None else set()
+        k = jax.tree.leaves(stacked)[0].shape[0]
+        losses = np.zeros((len(ids), k), np.float64)
+        counts = np.zeros((len(ids),), np.float64)
+        groups = [(select_with, [i for i, c in enumerate(ids) if c in known]),
+                  (data, [i for i, c in enumerate(ids) if c not in known])]
+        for source, positions in groups:
+            if not positions:
+                continue
+            for batch, owners in _batches(source, [ids[i] for i in positions], bs):
+                loss, count = jax.device_get(self._model_losses(stacked, batch))  # [k, B], [k, B]
+                real = owners >= 0
+                rows = np.asarray(positions)[owners[real]]
+                np.add.at(losses, rows, np.asarray(loss, np.float64).T[real])
+                np.add.at(counts, rows, np.asarray(count[0], np.float64)[real])
+        mean = losses / np.maximum(counts, 1.0)[:, None]
+        return {cid: int(np.argmin(row)) for cid, row in zip(ids, mean)}
+
+    def evaluate_best_of(self, stacked, data: FederatedData, *, select_with: FederatedData | None = None,
+                         batch_size: int | None = None) -> dict[str, float]:
+        """Metrics when every client of ``data`` uses the model :meth:`choose_models` picks for it; also
+        ``model_share_j``, the fraction of clients that use model ``j``."""
+        bs = int(batch_size or DEFAULT_BATCH_SIZE)
+        choice = self.choose_models(stacked, data, select_with=select_with, batch_size=bs)
+        k = jax.tree.leaves(stacked)[0].shape[0]
+        totals = None
+        for j in range(k):
+            ids = [cid for cid, m in choice.items() if m == j]
+            if not ids:
+                continue
+            part = self._totals(jax.tree.map(lambda x: x[j], stacked), data, ids, bs)
+            if part is not None:
+                totals = part if totals is None else jax.tree.map(np.add, totals, part)
+        logs = self._means(totals)
+        for j in range(k):
+            logs[f"model_share_{j}"] = sum(m == j for m in choice.values()) / max(len(choice), 1)
+        return logs
 
     def predict(self, params, x: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
         x = np.asarray(x)

@@ -365,11 +365,22 @@ class FederatedTrainer:
 
     # ------------------------------------------------------------------ evaluate / predict
     def evaluate(self, data: FederatedData, *, batch_size: int | None = None, callbacks=None,
-                 verbose: int = 0) -> dict[str, float]:
-        """Loss and metrics of the current model over every example of every client of ``data``."""
+                 verbose: int = 0, select_with: FederatedData | None = None) -> dict[str, float]:
+        """Loss and metrics of the current model over every example of every client of ``data``.
+
+        For algorithms with several models (``algorithm.eval_models``, e.g. HypCluster) each client
+        is evaluated on the model with the lowest loss on its examples in ``select_with`` (default: the
+        training data; a client missing there selects on its own examples in ``data``), and the logs
+        add ``model_share_j``.
+        """
         callback_list = callbacks if isinstance(callbacks, CallbackList) else CallbackList(callbacks or [], self, {})
         callback_list.on_test_begin({})
-        logs = self._evaluator.evaluate(self.params, data, batch_size=batch_size)
+        if self.algorithm.eval_models is not None:
+            logs = self._evaluator.evaluate_best_of(
+                self.algorithm.eval_models(self.server_state), data,
+                select_with=self.train_data if select_with is None else select_with, batch_size=batch_size)
+        else:
+            logs = self._evaluator.evaluate(self.params, data, batch_size=batch_size)
         callback_list.on_test_end(logs)
         if verbose:
             print(" - ".join(f"{k}: {v:.4f}" for k, v in logs.items()))

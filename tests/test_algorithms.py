@@ -345,6 +345,40 @@ def test_hypcluster_matches_numpy():
     np.testing.assert_allclose(pure(A.cluster_params(pb.trainer.server_state, 1))["dense"]["bias"], B[1], atol=1e-5)
 
 
+def test_hypcluster_evaluates_each_client_on_its_lowest_loss_cluster():
+    pb = Problem(num_clients=6, rounds=12, seed=5)
+    for i, cid in enumerate(pb.ids):  # two populations with permuted labels: one model cannot fit both
+        if i % 2:
+            pb.clients[cid]["y"] = (pb.clients[cid]["y"] + 1) % 3
+    pb.data = fedtrain.InMemoryFederatedData(pb.clients)
+    pb.train(hypcluster(optax.sgd(0.2), 2, init_noise=1.0, seed=1))
+    fresh = make_clients(num_clients=13, features=4, classes=3, min_size=5, max_size=11, seed=5)  # same task
+    test = {cid: fresh[f"client_{6 + i:03d}"] for i, cid in enumerate(pb.ids + ["newcomer"])}
+    for i, cid in enumerate(pb.ids):
+        if i % 2:
+            test[cid]["y"] = (test[cid]["y"] + 1) % 3
+    logs = pb.trainer.evaluate(fedtrain.InMemoryFederatedData(test))
+    stacked = pure(pb.trainer.server_state.params)["dense"]
+    W, B = stacked["kernel"].astype(np.float64), stacked["bias"].astype(np.float64)
+    loss = correct = count = 0.0
+    choices = []
+    for cid, c in test.items():
+        sel = pb.clients.get(cid, c)  # selection on the training data; the newcomer on its own
+        j = int(np.argmin([softmax_losses(W[k], B[k], sel["x"].astype(np.float64), sel["y"]).mean()
+                           for k in range(2)]))
+        choices.append(j)
+        x, y = c["x"].astype(np.float64), c["y"]
+        loss += softmax_losses(W[j], B[j], x, y).sum()
+        correct += np.sum(np.argmax(x @ W[j] + B[j], -1) == y)
+        count += len(y)
+    assert set(choices) == {0, 1}, "the clusters did not specialise; the test would not tell the models apart"
+    assert logs["loss"] == pytest.approx(loss / count, rel=1e-5)
+    assert logs["accuracy"] == pytest.approx(correct / count, rel=1e-6)
+    assert logs["model_share_1"] == pytest.approx(np.mean(choices))
+    cluster0 = pb.trainer._evaluator.evaluate(pb.trainer.params, fedtrain.InMemoryFederatedData(test))
+    assert logs["loss"] < cluster0["loss"]
+
+
 @pytest.mark.parametrize("adaptive", [False, True], ids=["fixed", "adaptive"])
 def test_dp_fedavg_matches_numpy_without_noise(adaptive):
     clip, expected, pb = 0.3, 4.0, Problem(rounds=3)

@@ -68,6 +68,9 @@ class Algorithm(NamedTuple):
     - ``prepass``: an optional :class:`Prepass`
     - ``bind(run_info) -> Algorithm``: specialises the algorithm to a run; raises ``ValueError`` for
       data it cannot train on (e.g. a missing feature)
+    - ``eval_models(server_state) -> stacked``: for algorithms with several models (leading axis
+      ``k``), evaluation gives each client the one with the lowest loss on its data (else ``None``:
+      every client is evaluated on ``params(server_state)``)
     """
 
     name: str
@@ -83,6 +86,7 @@ class Algorithm(NamedTuple):
     hyperparams: dict[str, Any] = {}
     prepass: Prepass | None = None
     bind: Callable[[RunInfo], Algorithm] | None = None
+    eval_models: Callable[[PyTree], PyTree] | None = None
 
 
 def aggregator_state(algorithm: Algorithm, server_state: PyTree) -> PyTree:

@@ -2,7 +2,9 @@
 every cluster model on its batches, trains the one with the lowest loss, and each cluster model is
 updated with the weighted mean delta of the clients that chose it (unchosen clusters stay put).
 
-``params(state)`` is cluster 0's model; :func:`cluster_params` gives any cluster's.
+Evaluation (``trainer.evaluate``) gives each client the cluster model with the lowest loss on its
+training data (on its evaluation data when the trainer has none for it), as FedJAX's
+``HypClusterEvaluator``; ``params(state)`` is cluster 0's model and :func:`cluster_params` any cluster's.
 """
 
 from __future__ import annotations
@@ -97,4 +99,4 @@ def hypcluster(client_tx: optax.GradientTransformation, num_clusters: int,
 
     return Algorithm("hypcluster", init, lambda s: s.params, client_init, client_step, client_final, server_update,
                      lambda s: cluster_params(s, 0), agg, prepass=Prepass(pre_init, pre_step),
-                     hyperparams={"num_clusters": k})
+                     hyperparams={"num_clusters": k}, eval_models=lambda s: s.params)
