@@ -53,6 +53,17 @@ def test_lr_scheduler_server_and_client_without_recompiling(data):
     assert frozen.last_round_info and math.isclose(frozen.history.history["update_norm"][0], 0.0, abs_tol=0.0)
 
 
+@pytest.mark.parametrize("algo", ["mime", "mime_lite"])
+def test_mime_schedule_reaches_the_clients_frozen_optimizer(data, algo):
+    """Mime's clients step with the server optimizer's state, so its server value is what they use."""
+    build = getattr(fedtrain.algorithms, algo)
+    trainer = make_trainer(data, build(optax.inject_hyperparams(optax.sgd)(learning_rate=0.1, momentum=0.9)))
+    assert "client_learning_rate" not in trainer.hyperparams
+    history = trainer.fit(rounds=3, **FIT, callbacks=[LearningRateScheduler(lambda r: 0.1 if r == 0 else 0.0)])
+    assert history.history["update_norm"][0] > 0
+    assert history.history["update_norm"][1:] == [0.0, 0.0]
+
+
 def test_lr_scheduler_needs_injected_hyperparams(data):
     trainer = make_trainer(data, fedtrain.algorithms.fedavg(optax.sgd(0.1)))
     with pytest.raises(ValueError, match="inject_hyperparams"):

@@ -58,6 +58,13 @@ def set_server_value(server_state: PyTree, name: str, value: float) -> PyTree:
     return new
 
 
+def _client_owned_nodes(local: PyTree, broadcast: PyTree) -> list:
+    """Injected optimizer states the client created, not the server's state passed along in the
+    broadcast (Mime's clients step with the server optimizer's frozen state: its values are the server's)."""
+    shared = {id(n) for n in _injected_nodes(broadcast)}
+    return [n for n in _injected_nodes(local) if id(n) not in shared]
+
+
 def client_hyperparams(model, algorithm, server_state) -> dict[str, np.ndarray]:
     """Initial values of the injected scalar hyperparameters of the algorithm's client optimizer."""
     try:
@@ -65,15 +72,15 @@ def client_hyperparams(model, algorithm, server_state) -> dict[str, np.ndarray]:
                         else algorithm.client_state_init(model.init_params))
         local = jax.eval_shape(lambda s, cs, key: algorithm.client_init(model, algorithm.broadcast(s), cs, key),
                                server_state, client_state, jax.random.key(0))
-        nodes = _injected_nodes(local)
-        if not nodes:
+        if not _injected_nodes(local):
             return {}
         # eval_shape gives shapes only; the values come from a concrete call.
-        local = algorithm.client_init(model, algorithm.broadcast(server_state), client_state, jax.random.key(0))
+        broadcast = algorithm.broadcast(server_state)
+        local = algorithm.client_init(model, broadcast, client_state, jax.random.key(0))
     except Exception:  # an algorithm we cannot probe simply has no schedulable client values
         return {}
     out: dict[str, np.ndarray] = {}
-    for node in _injected_nodes(local):
+    for node in _client_owned_nodes(local, broadcast):
         for k, v in _scalar_items(node).items():
             out.setdefault(k, np.asarray(v))
     return out
@@ -98,9 +105,10 @@ def with_client_hyperparams(algorithm):
     def client_init(model, b, client_state, rng, *prepass):
         inner, values = b
         local = algorithm.client_init(model, inner, client_state, rng, *prepass)
+        owned = {id(n) for n in _client_owned_nodes(local, inner)}
 
         def put(node):
-            if not _is_injected(node):
+            if not _is_injected(node) or id(node) not in owned:
                 return node
             hp = dict(node.hyperparams)
             for k, v in values.items():
@@ -117,11 +125,13 @@ def with_client_hyperparams(algorithm):
         new, metrics = algorithm.server_update(s.state, aggregate, *stats)
         return WithClientHyperparams(new, s.client), metrics
 
-    pre = algorithm.prepass
-    if pre is not None:  # the pass sees the algorithm's own broadcast
-        pre = pre._replace(init=lambda model, b: algorithm.prepass.init(model, b[0]),
-                           step=lambda model, b, acc, batch: algorithm.prepass.step(model, b[0], acc, batch),
-                           cohort=None if pre.cohort is None else lambda b, total: (pre.cohort(b[0], total), b[1]))
+    inner_pre = algorithm.prepass
+    pre = None
+    if inner_pre is not None:  # the pass sees the algorithm's own broadcast
+        pre = inner_pre._replace(
+            init=lambda model, b: inner_pre.init(model, b[0]),
+            step=lambda model, b, acc, batch: inner_pre.step(model, b[0], acc, batch),
+            cohort=None if inner_pre.cohort is None else lambda b, total: (inner_pre.cohort(b[0], total), b[1]))
     bind = None if algorithm.bind is None else (lambda info: with_client_hyperparams(algorithm.bind(info)))
     return algorithm._replace(init=init, broadcast=broadcast, client_init=client_init, client_final=client_final,
                               server_update=server_update, params=lambda s: algorithm.params(s.state),
