@@ -25,7 +25,7 @@ import jax
 import numpy as np
 
 from fedtrain.callbacks.base import Callback, History
-from fedtrain.callbacks.early_stopping import monitor_mode
+from fedtrain.callbacks.early_stopping import MonitoredMetric
 
 FORMAT_VERSION = 1
 log = logging.getLogger("fedtrain")
@@ -340,14 +340,14 @@ class OrbaxCheckpoint(Callback):
         self.max_to_keep = None if max_to_keep is None else int(max_to_keep)
         self.save_best_only = bool(save_best_only)
         self.monitor = monitor
-        self.mode = monitor_mode(monitor or "", mode)
+        self._metric = MonitoredMetric("OrbaxCheckpoint(save_best_only=True)", monitor or "", mode)
+        self.mode = self._metric.mode
         self.async_save = bool(async_save)
         self.resume = bool(resume)
         self.verbose = int(verbose)
         self.best: float | None = None
         self.restored_round: int | None = None
         self._manager = None
-        self._warned_missing = False
 
     # -------------------------------------------------------------- lifecycle
     def _check_writable(self) -> None:
@@ -395,16 +395,8 @@ class OrbaxCheckpoint(Callback):
                           stacklevel=2)
             return
         if self.save_best_only:
-            value = logs.get(self.monitor)
-            if value is None:
-                if not self._warned_missing:
-                    self._warned_missing = True
-                    warnings.warn(f"OrbaxCheckpoint: can save best only with {self.monitor!r} available, "
-                                  f"skipping (available: {sorted(logs)}).", RuntimeWarning, stacklevel=2)
-                return
-            value = float(value)
-            better = (self.best is None or (value < self.best if self.mode == "min" else value > self.best))
-            if not (math.isfinite(value) and better):
+            value = self._metric.read(logs)
+            if value is None or not (math.isfinite(value) and self._metric.better(value, self.best)):
                 return
             self.best = value
         self._save(round, logs)

@@ -20,6 +20,37 @@ def monitor_mode(monitor: str, mode: str) -> str:
     return mode
 
 
+class MonitoredMetric:
+    """Reads one metric from the round's logs for a callback; a metric missing from the logs is
+    warned about once, naming the callback and the metrics that are available."""
+
+    def __init__(self, owner: str, name: str, mode: str = "auto"):
+        self.owner = owner
+        self.name = name
+        self.mode = monitor_mode(name, mode)
+        self._warned = False
+
+    def read(self, logs) -> float | None:
+        """The metric's value in ``logs``, or ``None`` (with the one-time warning) when absent."""
+        value = (logs or {}).get(self.name)
+        if value is None:
+            if not self._warned:
+                self._warned = True
+                warnings.warn(f"{self.owner} is conditioned on metric {self.name!r}, which is not available. "
+                              f"Available metrics are: {','.join(sorted(logs or {}))}.", RuntimeWarning,
+                              stacklevel=3)
+            return None
+        return float(value)
+
+    def better(self, value: float, reference: float | None, min_delta: float = 0.0) -> bool:
+        """Whether ``value`` improves on ``reference`` by more than ``min_delta`` (``None``: always)."""
+        if reference is None:
+            return True
+        if self.mode == "min":
+            return value + min_delta < reference
+        return value - min_delta > reference
+
+
 class EarlyStopping(Callback):
     """Stops training when ``monitor`` has not improved by ``min_delta`` for ``patience`` rounds.
 
@@ -36,14 +67,14 @@ class EarlyStopping(Callback):
         if patience < 0:
             raise ValueError(f"patience must be >= 0, got {patience}.")
         self.monitor = monitor
-        self.mode = monitor_mode(monitor, mode)
+        self._metric = MonitoredMetric("EarlyStopping", monitor, mode)
+        self.mode = self._metric.mode
         self.min_delta = abs(float(min_delta))
         self.patience = int(patience)
         self.verbose = int(verbose)
         self.baseline = baseline
         self.restore_best_weights = bool(restore_best_weights)
         self.start_from_round = int(start_from_round)
-        self._warned = False
         self._reset()
 
     def _reset(self) -> None:
@@ -54,24 +85,15 @@ class EarlyStopping(Callback):
         self.best_weights = None
 
     def _is_improvement(self, value: float, reference: float) -> bool:
-        if self.mode == "min":
-            return value + self.min_delta < reference
-        return value - self.min_delta > reference
+        return self._metric.better(value, reference, self.min_delta)
 
     def on_train_begin(self, logs=None) -> None:
         self._reset()
 
     def on_round_end(self, round: int, logs=None) -> None:
-        value = (logs or {}).get(self.monitor)
-        if value is None:
-            if not self._warned:
-                self._warned = True
-                warnings.warn(f"EarlyStopping is conditioned on metric {self.monitor!r}, which is not available. "
-                              f"Available metrics are: {','.join(sorted(logs or {}))}.", RuntimeWarning, stacklevel=2)
+        value = self._metric.read(logs)
+        if value is None or round < self.start_from_round:
             return
-        if round < self.start_from_round:
-            return
-        value = float(value)
         if self.restore_best_weights and self.best_weights is None:
             self.best_weights = self.trainer.server_state
         self.wait += 1

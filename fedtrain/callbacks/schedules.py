@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import inspect
 import math
-import warnings
 from collections.abc import Callable
 
 from fedtrain.callbacks.base import Callback
-from fedtrain.callbacks.early_stopping import monitor_mode
+from fedtrain.callbacks.early_stopping import MonitoredMetric
 
 
 def _log_key(target: str, name: str) -> str:
@@ -86,13 +85,13 @@ class ReduceLROnPlateau(Callback):
         self.factor = float(factor)
         self.patience = int(patience)
         self.verbose = int(verbose)
-        self.mode = monitor_mode(monitor, mode)
+        self._metric = MonitoredMetric("ReduceLROnPlateau", monitor, mode)
+        self.mode = self._metric.mode
         self.min_delta = float(min_delta)
         self.cooldown = int(cooldown)
         self.min_lr = float(min_lr)
         self.target = _check_target(target)
         self.name = name
-        self._warned = False
         self._reset()
 
     def _reset(self) -> None:
@@ -101,9 +100,7 @@ class ReduceLROnPlateau(Callback):
         self.best = math.inf if self.mode == "min" else -math.inf
 
     def _better(self, value: float) -> bool:
-        if self.mode == "min":
-            return value < self.best - self.min_delta
-        return value > self.best + self.min_delta
+        return self._metric.better(value, self.best, self.min_delta)
 
     def on_train_begin(self, logs=None) -> None:
         self._reset()
@@ -113,14 +110,9 @@ class ReduceLROnPlateau(Callback):
         logs = logs if logs is not None else {}
         rate = self.trainer.get_hyperparam(self.name, target=self.target)
         logs[_log_key(self.target, self.name)] = rate
-        value = logs.get(self.monitor)
+        value = self._metric.read(logs)
         if value is None:
-            if not self._warned:
-                self._warned = True
-                warnings.warn(f"ReduceLROnPlateau is conditioned on metric {self.monitor!r}, which is not available. "
-                              f"Available metrics are: {','.join(sorted(logs))}.", RuntimeWarning, stacklevel=2)
             return
-        value = float(value)
         if self.cooldown_counter > 0:
             self.cooldown_counter -= 1
             self.wait = 0
