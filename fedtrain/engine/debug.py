@@ -51,6 +51,7 @@ def run_round_debug(model: Model, algorithm: Algorithm, server_state, plan: Roun
         if total is not None:
             broadcast = pre.cohort(broadcast, total)
     contrib_total = None
+    gathers, gathered = algorithm.aggregator.gathers, None
     metric_sums: dict = {}
     update_norm = np.zeros((lanes, slots), np.float32)
     extras: dict = {}
@@ -80,6 +81,12 @@ def run_round_debug(model: Model, algorithm: Algorithm, server_state, plan: Roun
         out = algorithm.client_final(model, broadcast, local, jnp.float32(b.weights[lane, s]))
         c = (algorithm.aggregator.contribution(out.update, out.weight, jax.random.fold_in(contrib_key, pos),
                                                agg_state), out.stats)
+        if gathers:  # the client's (update, weight) in its [lane, slot]; the sides are summed
+            (part, sides), stats = c
+            if gathered is None:
+                gathered = jax.tree.map(lambda v: jnp.zeros((lanes, slots) + v.shape, v.dtype), part)
+            gathered = jax.tree.map(lambda buf, v: buf.at[lane, s].set(v), gathered, part)
+            c = (((), sides), stats)
         contrib_total = c if contrib_total is None else jax.tree.map(jnp.add, contrib_total, c)
         update_norm[lane, s] = float(global_norm(out.update))
         for name, (total, count) in sums.items():
@@ -99,4 +106,6 @@ def run_round_debug(model: Model, algorithm: Algorithm, server_state, plan: Roun
         "extras": {k: jnp.asarray(v) for k, v in extras.items()},
         "client_states": new_states,
     }
+    if gathers:
+        per_slot["gathered"] = gathered
     return finish_round(algorithm, server_state, contrib_total, per_slot, server_key)

@@ -7,7 +7,9 @@ buffer never costs compute. At a client's first step the algorithm's
 ``client_init`` runs; at its last step ``client_final`` runs and its update is
 added to the aggregator's running sum. Lanes run one after another (``scan``
 backend, one lane) or side by side under ``vmap``; lane sums are added at the
-end, so every backend computes the same sums.
+end, so every backend computes the same sums. An aggregator that gathers (a
+robust mean) instead gets each client's update written to its slot of a
+``[lanes, slots, ...]`` buffer; only the aggregator's sides are summed.
 """
 
 from __future__ import annotations
@@ -100,6 +102,7 @@ def make_lane_fn(model: Model, algorithm: Algorithm, bucketed: bool):
     examples of its batch, chosen by a device-side switch; the rest are padding.
     """
     per_client_prepass = algorithm.prepass is not None and algorithm.prepass.cohort is None
+    gathers = algorithm.aggregator.gathers
 
     def lane(broadcast, features, mask, slot, first, last, bucket, num_steps, weights, positions, cstates,
              train_key, contrib_key, agg_state):
@@ -140,6 +143,10 @@ def make_lane_fn(model: Model, algorithm: Algorithm, bucketed: bool):
             "extras": jax.tree.map(lambda s: jnp.zeros((num_slots,) + s.shape, s.dtype), out_shape.metrics),
             "client_states": cstates,
         }
+        if gathers:  # each client's (update, weight) goes to its slot; only the sides are summed
+            (part_shape, sides_shape), stats_shape = contrib_shape
+            per_slot0["gathered"] = jax.tree.map(lambda s: jnp.zeros((num_slots,) + s.shape, s.dtype), part_shape)
+            contrib_shape = (((), sides_shape), stats_shape)
         carry0 = (local0, _tree_zeros(step_sums_shape), _tree_zeros(contrib_shape), per_slot0)
 
         def body(i, carry):
@@ -162,6 +169,10 @@ def make_lane_fn(model: Model, algorithm: Algorithm, bucketed: bool):
                 per_slot["extras"] = _set(per_slot["extras"], s, out.metrics)
                 if cstates is not None:
                     per_slot["client_states"] = _set(per_slot["client_states"], s, out.client_state)
+                if gathers:
+                    (part, sides), stats = c
+                    per_slot["gathered"] = _set(per_slot["gathered"], s, part)
+                    c = (((), sides), stats)
                 return _tree_add(contrib, c), per_slot
 
             contrib, per_slot = jax.lax.cond(last[i], finish, lambda args: args, (contrib, per_slot))
@@ -265,8 +276,13 @@ def make_round_fn(model: Model, algorithm: Algorithm, lanes: int, on_trace=None,
 
 
 def finish_round(algorithm: Algorithm, server_state, contrib, per_slot, server_key) -> RoundOutput:
-    """Aggregates the summed contributions and applies the server update."""
+    """Aggregates the summed contributions and applies the server update. For an aggregator that
+    gathers, ``per_slot['gathered']`` holds every slot's ``(update, weight)`` ([lanes, slots, ...],
+    weight 0 in empty slots), handed to ``finalize`` as one client axis."""
     contrib, stats = contrib
+    if algorithm.aggregator.gathers:
+        gathered = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), per_slot["gathered"])
+        contrib = (gathered, contrib[1])
     aggregate, agg_state, agg_metrics = algorithm.aggregator.finalize(
         contrib, server_key, aggregator_state(algorithm, server_state))
     if jax.tree.leaves(stats):
