@@ -511,6 +511,7 @@ def test_bad_hyperparameters_fail_at_construction():
         (lambda: agnostic_fedavg(optax.sgd(0.1), [0.2, 0.2], 0.1), "sum to 1"),
         (lambda: agnostic_fedavg(optax.sgd(0.1), [0.5, 0.5], -0.1), "domain_learning_rate"),
         (lambda: hypcluster(optax.sgd(0.1), 0), "num_clusters"),
+        (lambda: hypcluster(optax.sgd(0.1), 2, aggregator=agg.median()), "coordinate-wise"),
         (lambda: mime_lite(optax.sgd(0.1), client_delta_clip_norm=-1.0), "client_delta_clip_norm"),
     ]
     for make, match in cases:

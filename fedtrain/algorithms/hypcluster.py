@@ -50,6 +50,10 @@ def hypcluster(client_tx: optax.GradientTransformation, num_clusters: int,
     check_nonnegative(init_noise=init_noise)
     server_tx = server_tx or optax.sgd(1.0)
     agg = aggregator or weighted_mean()
+    if agg.gathers:
+        raise ValueError(f"hypcluster cannot use the coordinate-wise aggregator {agg.name!r}: each client's update "
+                         "is zero for the clusters it did not choose, so a per-coordinate median or trimmed mean "
+                         "over clients would mix chosen and unchosen clusters. Use a mean aggregator.")
 
     def init(params):
         leaves, treedef = jax.tree.flatten(params)
