@@ -58,6 +58,8 @@ def algorithms(client_lr: float) -> dict:
                                                                                   agg.weighted_mean())),
         "fedavg_rotated_quantization": lambda: A.fedavg(sgd, aggregator=agg.chain(agg.rotated_quantization(16),
                                                                                   agg.weighted_mean())),
+        "fedavg_trimmed_mean": lambda: A.fedavg(sgd, aggregator=agg.trimmed_mean(0.1)),
+        "fedavg_median": lambda: A.fedavg(sgd, aggregator=agg.median()),
     }
 
 
