@@ -41,7 +41,9 @@ class FederatedTrainer:
     ``backend`` is ``"auto"``, ``"scan"``, ``"vmap"``, ``"sharded"`` (alias ``"pmap"``: lanes split
     over all devices and hosts) or ``"debug"``. ``lanes`` sets how many clients train side by side;
     more than ``lane_group`` lanes run as a scan over groups of that size (bounded memory for
-    cohorts of thousands).
+    cohorts of thousands). ``client_state_placement`` (stateful algorithms such as SCAFFOLD) is
+    ``"auto"`` (per-client state in device memory when the population's rows fit a quarter of it,
+    else host memory), ``"device"`` or ``"host"``.
     """
 
     def __init__(
@@ -58,6 +60,7 @@ class FederatedTrainer:
         lanes: int | None = None,
         lane_group: int | None = 128,
         input_key: str = "x",
+        client_state_placement: str = "auto",
     ):
         if not isinstance(algorithm, Algorithm):
             raise TypeError(
@@ -85,7 +88,8 @@ class FederatedTrainer:
         self.client_hyperparams = _hp.client_hyperparams(self.model_fns, algorithm, self.server_state)
         engine_algorithm = _hp.with_client_hyperparams(algorithm) if self.client_hyperparams else algorithm
         self.engine = Engine(self.model_fns, engine_algorithm, backend, lanes, lane_group)
-        self.client_states = (ClientStateStore(algorithm.client_state_init(self.model_fns.init_params))
+        self.client_states = (ClientStateStore(algorithm.client_state_init(self.model_fns.init_params),
+                                               placement=client_state_placement)
                               if algorithm.client_state_init is not None else None)
         self.round = 0  # rounds completed
         self.stop_training = False
@@ -208,6 +212,8 @@ class FederatedTrainer:
                 f"clients_per_round={clients_per_round} is larger than the {population.size} clients with data; "
                 f"use clients_per_round <= {population.size}.")
         self._check_model_on(data, population, spec)
+        if self.client_states is not None:  # device-resident client states get a row per client here
+            self.client_states.bind(population.ids)
         # Algorithms that depend on the run (population size, features such as domain_id) raise here,
         # before any callback runs; the engine binds them again per compiled round.
         bound(self.engine.algorithm, RunInfo(population.size, max_cohort(self.sampler, population.size,
@@ -281,7 +287,7 @@ class FederatedTrainer:
             out = self.engine.run(self.server_state, plan, device_batch, client_states, round_key)
             self.server_state = out.server_state
         if self.client_states is not None:
-            self.client_states.scatter(plan.client_ids, plan.placement, jax.device_get(out.client_states))
+            self.client_states.scatter(plan.client_ids, plan.placement, out.client_states)
         metric_sums, extras, client_metrics = jax.device_get((out.metric_sums, out.extras, out.client_metrics))
         logs: dict[str, float] = {}
         for name, (total, count) in metric_sums.items():
