@@ -2,8 +2,10 @@
 
 Populations are EMNIST-shaped synthetic clients generated on the fly (only a size
 table per client is held), the model is logistic regression (48,670 parameters,
-so each SCAFFOLD control variate is 190 KB). Client states live in host memory,
-one row per client seen so far; only the cohort's rows go to the device. Each
+so each SCAFFOLD control variate is 190 KB). Client states live in host memory
+(``client_state_placement="host"``: one row per client seen so far; only the cohort's rows go to
+the device). The default ``"auto"`` would keep a small population's rows in a device table (on CPU,
+host RAM too) sized for the whole population, up to its budget. Each
 configuration runs in its own process; peak RSS is the process maximum.
 
     python benchmarks/memory_scaling.py            # populations 3,400 / 34,000 / 342,477 x cohorts 10 / 100 / 1,000
@@ -43,7 +45,7 @@ def run_one(population: int, cohort: int, rounds: int) -> dict:
     data = SyntheticFederatedData.like("emnist", num_clients=population, mean_size=40).preprocess(
         lambda ex: {"x": ex["pixels"][..., None], "y": ex["label"]})
     trainer = fedtrain.FederatedTrainer(EmnistLogistic(62, rngs=nnx.Rngs(0)), data,
-                                        fedtrain.algorithms.scaffold(0.05), seed=0)
+                                        fedtrain.algorithms.scaffold(0.05), seed=0, client_state_placement="host")
     start = time.perf_counter()
     trainer.fit(rounds=rounds, clients_per_round=cohort, batch_size=20, verbose=0)
     elapsed = time.perf_counter() - start
