@@ -70,7 +70,7 @@ def main(argv=None) -> list[dict]:
     if args.tiny:
         configs = [(200, 5), (2000, 5)]
     elif args.quick:
-        configs = [(3400, 10), (342_477, 10), (3400, 100)]
+        configs = [(3400, 10), (342_477, 10), (3400, 100), (342_477, 100)]
     else:
         configs = [(p, c) for c in (10, 100, 1000) for p in (3400, 34_000, 342_477)]
     results = []
