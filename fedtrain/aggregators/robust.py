@@ -21,14 +21,27 @@ import jax.numpy as jnp
 from fedtrain.aggregators.base import Aggregator, Stage
 
 
-def _sort_clients(x, present):
-    """``x`` [slots, ...] sorted along the client axis with absent clients (and NaN) as ``+inf``, and the
-    rank of every row, shaped to broadcast against it."""
-    mask = present.reshape(present.shape + (1,) * (x.ndim - 1))
-    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-    values = jnp.sort(jnp.where(mask & ~jnp.isnan(x), x, jnp.inf), axis=0)
-    ranks = jnp.arange(x.shape[0]).reshape((-1,) + (1,) * (x.ndim - 1))
-    return values, ranks
+def _rank_mean(updates, weights, lower, upper):
+    """Per coordinate, the mean of the present clients' values whose rank (ascending, among the
+    ``n`` present clients) lies in ``[lower, upper]``; absent clients and NaN sort last as ``+inf``.
+    Zero when no client is present."""
+    present = weights > 0
+    count = _count(weights)
+    kept = jnp.maximum(upper - lower + 1, 1)
+
+    def leaf(x):
+        mask = present.reshape(present.shape + (1,) * (x.ndim - 1))
+        wide = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+        values = jnp.sort(jnp.where(mask & ~jnp.isnan(wide), wide, jnp.inf), axis=0)
+        ranks = jnp.arange(x.shape[0]).reshape((-1,) + (1,) * (x.ndim - 1))
+        total = jnp.sum(jnp.where((ranks >= lower) & (ranks <= upper), values, 0.0), axis=0)
+        return jnp.where(count > 0, total / kept.astype(values.dtype), 0.0).astype(x.dtype)
+
+    return jax.tree.map(leaf, updates)
+
+
+def _count(weights):
+    return jnp.sum((weights > 0).astype(jnp.int32))
 
 
 def _passthrough(update, weight, rng, state):
@@ -48,19 +61,10 @@ def trimmed_mean(beta: float) -> Aggregator:
     def server(total, side, rng, state, ctx):
         del side, rng
         updates, weights = total
-        present = weights > 0
-        count = jnp.sum(present.astype(jnp.int32))
+        count = _count(weights)
         # floor(beta * n) for every n the slots allow, computed exactly on the host
         cut = jnp.asarray([math.floor(value * n) for n in range(weights.shape[0] + 1)], jnp.int32)[count]
-        kept = jnp.maximum(count - 2 * cut, 1)  # >= 1 whenever a client is present, as beta < 0.5
-
-        def leaf(x):
-            values, ranks = _sort_clients(x, present)
-            keep = (ranks >= cut) & (ranks < count - cut)
-            kept_sum = jnp.sum(jnp.where(keep, values, 0.0), axis=0)
-            return (kept_sum / kept.astype(values.dtype)).astype(x.dtype)
-
-        return jax.tree.map(leaf, updates), state, ctx, {"robust_trimmed": (2 * cut).astype(jnp.float32)}
+        return _rank_mean(updates, weights, cut, count - cut - 1), state, ctx, {"robust_trimmed": (2 * cut).astype(jnp.float32)}
 
     return Aggregator((Stage("trimmed_mean", _passthrough, server, reduces=True, gathers=True),), "trimmed_mean")
 
@@ -72,15 +76,7 @@ def median() -> Aggregator:
     def server(total, side, rng, state, ctx):
         del side, rng
         updates, weights = total
-        present = weights > 0
-        count = jnp.sum(present.astype(jnp.int32))
-        lower, upper = (count - 1) // 2, count // 2
-
-        def leaf(x):
-            values, ranks = _sort_clients(x, present)
-            middle = jnp.where(ranks == lower, values, 0.0) + jnp.where(ranks == upper, values, 0.0)
-            return jnp.where(count > 0, jnp.sum(middle, axis=0) / 2, 0.0).astype(x.dtype)
-
-        return jax.tree.map(leaf, updates), state, ctx, {}
+        count = _count(weights)
+        return _rank_mean(updates, weights, (count - 1) // 2, count // 2), state, ctx, {}
 
     return Aggregator((Stage("median", _passthrough, server, reduces=True, gathers=True),), "median")
