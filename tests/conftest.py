@@ -54,3 +54,36 @@ def clients():
 @pytest.fixture
 def data(clients):
     return fedtrain.InMemoryFederatedData(clients)
+
+
+def run_engine_round(clients, cohort, algorithm, *, lanes=1, extra_capacity=0, population=None, empty=None,
+                     engine_population=None):
+    """One compiled round of ``algorithm`` on ``cohort`` (ids of ``clients``; an unknown id is the
+    client ``empty``), batch 4, lanes of room for the largest clients plus ``extra_capacity`` steps.
+    ``population``: each client's position in the population (batch order; default 0..k-1).
+    Returns ``(initial_server_state, RoundOutput)``."""
+    import jax
+
+    from fedtrain.client_states import ClientStateStore
+    from fedtrain.engine.plan import BatchSpec, Layout, build_round, feature_specs
+
+    data = fedtrain.InMemoryFederatedData({c: clients[c] if c in clients else empty for c in cohort})
+    model = fedtrain.models.adapter.from_nnx(Linear(features=8, rngs=nnx.Rngs(0)))
+    spec = BatchSpec(4)
+    sizes = np.array([data.client_size(c) for c in cohort])
+    steps = spec.steps(sizes)
+    engine = fedtrain.engine.Engine(model, algorithm, "scan" if lanes == 1 else "vmap")
+    engine.layout(steps, len(cohort))
+    slots = -(-len(cohort) // lanes)
+    layout = Layout(lanes, slots, int(np.sort(steps)[::-1][:slots].sum()) + extra_capacity)
+    population = list(range(len(cohort))) if population is None else population
+    specs = feature_specs(next(c for c in clients.values() if len(next(iter(c.values())))))
+    plan = build_round(data, cohort, population, sizes, spec, layout, specs, seed=0, round_index=0)
+    cstates = None
+    if algorithm.client_state_init is not None:
+        cstates = ClientStateStore(algorithm.client_state_init(model.init_params)).gather(
+            cohort, plan.placement, lanes, slots)
+    if engine_population is not None:
+        engine._population = engine_population
+    state = algorithm.init(model.init_params)
+    return state, engine.run(state, plan, plan.batch, cstates, jax.random.key(0))

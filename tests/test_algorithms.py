@@ -12,8 +12,8 @@ import fedtrain
 from fedtrain import aggregators as agg
 from fedtrain.algorithms import (agnostic_fedavg, dp_fedavg, fedadam, fedavg, fedprox, hypcluster, mime, mime_lite,
                                  scaffold)
-from fedtrain.engine.plan import BatchSpec, Layout, build_round, client_rng, example_order, feature_specs
-from tests.conftest import Linear, make_clients
+from fedtrain.engine.plan import BatchSpec, client_rng, example_order
+from tests.conftest import Linear, make_clients, run_engine_round
 
 A = fedtrain.algorithms
 
@@ -96,28 +96,12 @@ def test_contract(name):
 def test_padded_empty_client_changes_nothing(name):
     clients = domain_clients(num_clients=5, max_size=14)
     ids = list(clients)[:4]
-    specs = feature_specs(clients[ids[0]])
-    spec = BatchSpec(4)
-
-    def one_round(cohort, extra_capacity, lanes):
-        data = fedtrain.InMemoryFederatedData({c: clients[c] if c in clients else empty for c in cohort})
-        algorithm = ALGORITHMS[name]()
-        model = fedtrain.models.adapter.from_nnx(Linear(features=8, rngs=nnx.Rngs(0)))
-        sizes = np.array([data.client_size(c) for c in cohort])
-        steps = spec.steps(sizes)
-        engine = fedtrain.engine.Engine(model, algorithm, "scan" if lanes == 1 else "vmap")
-        engine.layout(steps, len(cohort))
-        slots = -(-len(cohort) // lanes)
-        layout = Layout(lanes, slots, int(np.sort(steps)[::-1][:slots].sum()) + extra_capacity)
-        plan = build_round(data, cohort, list(range(len(cohort))), sizes, spec, layout, specs, seed=0, round_index=0)
-        cstates = None
-        if algorithm.client_state_init is not None:
-            cstates = fedtrain.client_states.ClientStateStore(algorithm.client_state_init(model.init_params)).gather(
-                cohort, plan.placement, lanes, slots)
-        engine._population = (5, 4)  # same population in both runs (SCAFFOLD's N)
-        return engine.run(algorithm.init(model.init_params), plan, plan.batch, cstates, jax.random.key(0))
-
     empty = {"x": np.zeros((0, 8), np.float32), "y": np.zeros((0,), np.int32), "domain_id": np.zeros((0,), np.int32)}
+
+    def one_round(cohort, extra_capacity, lanes):  # same population in both runs (SCAFFOLD's N)
+        return run_engine_round(clients, cohort, ALGORITHMS[name](), lanes=lanes, extra_capacity=extra_capacity,
+                                empty=empty, engine_population=(5, 4))[1]
+
     base = one_round(ids, 0, 1)
     padded = one_round(ids + ["empty"], 5, 1)
     assert max_diff(base.server_state, padded.server_state) < 1e-6

@@ -15,8 +15,7 @@ from flax import nnx
 import fedtrain
 from fedtrain import aggregators as agg
 from fedtrain.algorithms import fedavg
-from fedtrain.engine.plan import BatchSpec, Layout, build_round, feature_specs
-from tests.conftest import Linear, make_clients
+from tests.conftest import Linear, make_clients, run_engine_round
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -167,23 +166,10 @@ def test_round_matches_numpy_median_of_client_deltas():
     clients = make_clients(num_clients=5, max_size=14)
     ids = list(clients)[:4]
     empty = {"x": np.zeros((0, 8), np.float32), "y": np.zeros((0,), np.int32)}
-    spec = BatchSpec(4)
 
     def one_round(cohort, extra_capacity, lanes, aggregator, population=None):
-        data = fedtrain.InMemoryFederatedData({c: clients[c] if c in clients else empty for c in cohort})
-        algorithm = fedavg(optax.sgd(0.1), aggregator=aggregator)
-        model = fedtrain.models.adapter.from_nnx(Linear(features=8, rngs=nnx.Rngs(0)))
-        sizes = np.array([data.client_size(c) for c in cohort])
-        steps = spec.steps(sizes)
-        engine = fedtrain.engine.Engine(model, algorithm, "scan" if lanes == 1 else "vmap")
-        engine.layout(steps, len(cohort))
-        slots = -(-len(cohort) // lanes)
-        layout = Layout(lanes, slots, int(np.sort(steps)[::-1][:slots].sum()) + extra_capacity)
-        population = list(range(len(cohort))) if population is None else population  # the batch order
-        plan = build_round(data, cohort, population, sizes, spec, layout,
-                           feature_specs(clients[ids[0]]), seed=0, round_index=0)
-        state = algorithm.init(model.init_params)
-        return state, engine.run(state, plan, plan.batch, None, jax.random.key(0))
+        return run_engine_round(clients, cohort, fedavg(optax.sgd(0.1), aggregator=aggregator), lanes=lanes,
+                                extra_capacity=extra_capacity, population=population, empty=empty)
 
     # each client's delta from a weighted-mean round of that client alone
     deltas = []
