@@ -1,11 +1,11 @@
 """fedtrain: federated learning simulation on JAX, one compiled program per round."""
 
-from fedtrain import aggregators, algorithms, callbacks, data, datasets, distributed, metrics, models, samplers
+from fedtrain import (aggregators, algorithms, callbacks, data, datasets, distributed, logs, metrics, models,
+                      samplers)
+from fedtrain._version import __version__
 from fedtrain.data import FederatedData, InMemoryFederatedData
 from fedtrain.engine import ClientStepError
 from fedtrain.trainer import FederatedTrainer
-
-__version__ = "0.1.0"
 
 __all__ = [
     "ClientStepError",
@@ -18,6 +18,7 @@ __all__ = [
     "data",
     "datasets",
     "distributed",
+    "logs",
     "metrics",
     "models",
     "samplers",

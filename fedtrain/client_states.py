@@ -102,6 +102,10 @@ class ClientStateStore:
             self._check_single_process()
             self._to_device([])
 
+    def initial_state(self) -> PyTree:
+        """The state a client has before its first round (host arrays)."""
+        return jax.tree.unflatten(self._treedef, self._initial)
+
     # ------------------------------------------------------------------ placement
     @property
     def placement(self) -> str:

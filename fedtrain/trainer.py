@@ -16,17 +16,18 @@ import numpy as np
 from flax import nnx
 
 from fedtrain import distributed
-from fedtrain.algorithms.base import Algorithm, RunInfo, bound
+from fedtrain.algorithms.base import Algorithm, Context, check_algorithm
 from fedtrain.callbacks.base import Callback, CallbackList, History
 from fedtrain.callbacks.progress import ProgressBar
 from fedtrain.client_states import ClientStateStore
 from fedtrain.data.federated_data import FederatedData
-from fedtrain.engine import BatchSpec, Engine, RoundPlan, build_round
+from fedtrain.engine import BatchSpec, Engine, Population, RoundInput
+from fedtrain.engine import hyperparams as _hp
+from fedtrain.engine.feeder import RoundFeeder, population_of
 from fedtrain.engine.plan import FeatureSpec, feature_specs
 from fedtrain.evaluation import Evaluator
 from fedtrain.models.adapter import MASK_KEY, Model, from_nnx, loss_and_metrics
 from fedtrain.samplers import UniformSampler, max_cohort
-from fedtrain.callbacks import hyperparams as _hp
 
 
 class FederatedTrainer:
@@ -62,10 +63,7 @@ class FederatedTrainer:
         input_key: str = "x",
         client_state_placement: str = "auto",
     ):
-        if not isinstance(algorithm, Algorithm):
-            raise TypeError(
-                f"algorithm must be a fedtrain.algorithms.Algorithm (e.g. fedtrain.algorithms.fedavg(optax.sgd(0.1))); "
-                f"got {type(algorithm).__name__}.")
+        check_algorithm(algorithm)
         if isinstance(model, Model):
             if loss is not None or metrics is not None:
                 raise ValueError("loss/metrics are part of a fedtrain Model already; pass them to from_nnx instead.")
@@ -83,11 +81,15 @@ class FederatedTrainer:
             raise TypeError(
                 f"algorithm {algorithm.name!r} cannot be initialised with the parameters of "
                 f"{self.model_fns.name}: {type(e).__name__}: {e}") from e
+        agg = algorithm.aggregator
+        self.aggregator_state = agg.init(self.model_fns.init_params) if agg.stateful else ()
+        self.engine = Engine(self.model_fns, algorithm, backend, lanes, lane_group)
         # Client optimizers built with optax.inject_hyperparams get their values from the host each
         # round (as inputs of the compiled round), so schedules change them without recompiling.
-        self.client_hyperparams = _hp.client_hyperparams(self.model_fns, algorithm, self.server_state)
-        engine_algorithm = _hp.with_client_hyperparams(algorithm) if self.client_hyperparams else algorithm
-        self.engine = Engine(self.model_fns, engine_algorithm, backend, lanes, lane_group)
+        self.client_hyperparams: dict[str, np.ndarray] = {}
+        self._feature_specs: dict[str, FeatureSpec] | None = None
+        if train_data is not None and list(train_data.client_ids):
+            self._probe_client_hyperparams(train_data)
         self.client_states = (ClientStateStore(algorithm.client_state_init(self.model_fns.init_params),
                                                placement=client_state_placement)
                               if algorithm.client_state_init is not None else None)
@@ -195,68 +197,26 @@ class FederatedTrainer:
         (or a restored checkpoint) continues where training stopped. Returns the
         ``History``; ``trainer.stop_training = True`` from a callback ends after the round.
         """
-        data = train_data if train_data is not None else self.train_data
-        if data is None:
-            raise ValueError("no training data: pass train_data to FederatedTrainer(...) or to fit(...).")
-        self.train_data = data
-        rounds = int(rounds)
-        if rounds < 0 or (initial_round is not None and initial_round < 0):
-            raise ValueError(f"rounds and initial_round must be >= 0; got rounds={rounds}, "
-                             f"initial_round={initial_round}.")
-        spec = BatchSpec(int(batch_size), local_epochs, local_steps).validate()
-        population = _Population.of(data, spec)
-        if clients_per_round < 1:
-            raise ValueError(f"clients_per_round must be >= 1, got {clients_per_round}.")
-        if max_cohort(self.sampler, population.size, clients_per_round) > population.size:
-            raise ValueError(
-                f"clients_per_round={clients_per_round} is larger than the {population.size} clients with data; "
-                f"use clients_per_round <= {population.size}.")
-        self._check_model_on(data, population, spec)
-        if self.client_states is not None:  # device-resident client states get a row per client here
-            self.client_states.bind(population.ids)
-        # Algorithms that depend on the run (population size, features such as domain_id) raise here,
-        # before any callback runs; the engine binds them again per compiled round.
-        bound(self.engine.algorithm, RunInfo(population.size, max_cohort(self.sampler, population.size,
-                                                                         clients_per_round),
-                                             tuple(sorted(self._feature_specs))))
-        verbose = (1 if sys.stdout.isatty() else 2) if verbose == "auto" else int(verbose)
-        if jax.process_count() > 1:  # every process must run the same plan, or the collectives hang
-            distributed.check_same_on_all_processes(
-                rounds=rounds, clients_per_round=clients_per_round, batch=spec, seed=self.seed,
-                algorithm=self.algorithm.name, clients=population.size, examples=int(np.sum(population.sizes)),
-                initial_round=initial_round, backend=self.backend)
-            verbose = verbose if distributed.is_chief() else 0
-        cbs = list(callbacks or [])
-        if verbose and not any(isinstance(cb, ProgressBar) for cb in cbs):
-            cbs.append(ProgressBar(verbose))
-        if initial_round == 0:
-            self.history = History()
-        cbs.append(self.history)
-        params = {"rounds": rounds, "initial_round": initial_round, "clients_per_round": clients_per_round,
-                  "batch_size": spec.batch_size, "local_epochs": spec.local_epochs, "local_steps": spec.local_steps,
-                  "num_clients": population.size, "backend": self.backend, "algorithm": self.algorithm.name}
-        callback_list = CallbackList(cbs, self, params)
-        self.callbacks = callback_list
-        self.stop_training = False
-        if verbose:
-            _print_overview(self.params)
-        self._clients_per_round = int(clients_per_round)
-        feeder = _RoundFeeder(self, data, population, spec)
+        data, population, spec, verbose = self._start(train_data, rounds, clients_per_round, initial_round, verbose,
+                                                      BatchSpec(int(batch_size), local_epochs, local_steps))
+        callback_list = self._callback_list(callbacks, verbose, dict(
+            rounds=rounds, initial_round=initial_round, clients_per_round=clients_per_round, batch_size=spec.batch_size,
+            local_epochs=spec.local_epochs, local_steps=spec.local_steps, num_clients=population.size,
+            backend=self.backend, algorithm=self.algorithm.name))
         val_rounds = _validation_rounds(validation_freq)
+        feeder = RoundFeeder(self.engine, self.sampler, self.seed)
         callback_list.on_train_begin({})
-        # A callback may have restored a checkpoint in on_train_begin (round, state, history).
-        start = self.round if initial_round is None else int(initial_round)
         logs: dict[str, float] = {}
-        try:
-            for r in range(start, rounds):
+        try:  # a callback may have restored a checkpoint in on_train_begin (round, state, history)
+            for r in range(self.round if initial_round is None else int(initial_round), rounds):
                 callback_list.on_round_begin(r, {})
                 t0 = time.perf_counter()
-                plan, device_batch = feeder.get(r, self._clients_per_round)
+                round_input = feeder.get(r, self._clients_per_round, self.sampler)
                 input_wait = time.perf_counter() - t0  # host time not hidden behind the previous round
                 if r + 1 < rounds:
-                    feeder.prefetch(r + 1, self._clients_per_round)
-                callback_list.on_clients_sampled(r, list(plan.client_ids))
-                logs = self._run_round(r, plan, device_batch, callback_list)
+                    feeder.prefetch(r + 1, self._clients_per_round, self.sampler)
+                callback_list.on_clients_sampled(r, list(round_input.client_ids))
+                logs = self._run_round(r, round_input, callback_list)
                 self.last_round_info["input_wait_s"] = input_wait
                 if validation_data is not None and val_rounds(r + 1, rounds):
                     val = self.evaluate(validation_data, batch_size=validation_batch_size, callbacks=callback_list)
@@ -271,46 +231,94 @@ class FederatedTrainer:
         callback_list.on_train_end(logs)
         return self.history
 
-    def _run_round(self, r: int, plan: RoundPlan, device_batch, callback_list: CallbackList) -> dict[str, float]:
-        round_key = jax.random.fold_in(jax.random.key(self.seed), r)
-        client_states = None
-        if self.client_states is not None:
-            lanes, slots = plan.batch.weights.shape
-            client_states = self.client_states.gather(plan.client_ids, plan.placement, lanes, slots)
-            client_states = (jax.tree.map(jax.numpy.asarray, client_states) if self.backend == "debug"
-                             else self.engine.put_lanes(client_states))
-        if self.client_hyperparams:
-            state_in = _hp.WithClientHyperparams(self.server_state, dict(self.client_hyperparams))
-            out = self.engine.run(state_in, plan, device_batch, client_states, round_key)
-            self.server_state = out.server_state.state
-        else:
-            out = self.engine.run(self.server_state, plan, device_batch, client_states, round_key)
-            self.server_state = out.server_state
-        if self.client_states is not None:
-            self.client_states.scatter(plan.client_ids, plan.placement, out.client_states)
-        metric_sums, extras, client_metrics = jax.device_get((out.metric_sums, out.extras, out.client_metrics))
-        logs: dict[str, float] = {}
-        for name, (total, count) in metric_sums.items():
-            logs[name] = float(total) / float(count) if float(count) > 0 else float("nan")
-        logs["num_clients"] = float(len(plan.client_ids))
-        logs["num_examples"] = float(plan.real_examples)
-        for name, value in extras.items():
-            if np.ndim(value) == 0:
-                logs[name] = float(value)
-        self.last_round_info = {"padding_efficiency": plan.padding_efficiency, "client_ids": plan.client_ids,
-                                "compilations": self.engine.compilations}
-        if plan.client_ids and not math.isfinite(logs.get("loss", 0.0)):
-            bad = [cid for cid, pos in zip(plan.client_ids, plan.placement)
-                   if not np.isfinite(client_metrics["loss_sum"][pos])]
-            self.last_round_info["nonfinite_clients"] = bad
-            warnings.warn(f"round {r + 1}: the training loss is {logs['loss']}; clients with a non-finite loss: "
-                          f"{bad}. Lower the learning rate or check these clients' data "
+    def _start(self, train_data, rounds, clients_per_round, initial_round, verbose, spec: BatchSpec):
+        """Checks the arguments, the data and the algorithm on it (before any callback runs)."""
+        data = train_data if train_data is not None else self.train_data
+        if data is None:
+            raise ValueError("no training data: pass train_data to FederatedTrainer(...) or to fit(...).")
+        self.train_data = data
+        if int(rounds) < 0 or (initial_round is not None and initial_round < 0):
+            raise ValueError(f"rounds and initial_round must be >= 0; got rounds={rounds}, "
+                             f"initial_round={initial_round}.")
+        spec = spec.validate()
+        population = population_of(data, spec)
+        if clients_per_round < 1:
+            raise ValueError(f"clients_per_round must be >= 1, got {clients_per_round}.")
+        bound = max_cohort(self.sampler, population.size, clients_per_round)
+        if bound > population.size:
+            raise ValueError(
+                f"clients_per_round={clients_per_round} is larger than the {population.size} clients with data; "
+                f"use clients_per_round <= {population.size}.")
+        self._check_model_on(data, population, spec)
+        self._probe_client_hyperparams(data)
+        if self.client_states is not None:  # device-resident client states get a row per client here
+            self.client_states.bind(population.ids)
+        verbose = (1 if sys.stdout.isatty() else 2) if verbose == "auto" else int(verbose)
+        if jax.process_count() > 1:  # every process must run the same plan, or the collectives hang
+            distributed.check_same_on_all_processes(
+                rounds=rounds, clients_per_round=clients_per_round, batch=spec, seed=self.seed,
+                algorithm=self.algorithm.name, clients=population.size, examples=int(np.sum(population.sizes)),
+                initial_round=initial_round, backend=self.backend)
+            verbose = verbose if distributed.is_chief() else 0
+        initial_client_state = None if self.client_states is None else self.client_states.initial_state()
+        self.engine.start(data, population, spec, self._feature_specs, bound, self.seed,
+                          (self.server_state, self.aggregator_state, self.client_hyperparams), initial_client_state)
+        self._clients_per_round = int(clients_per_round)
+        if initial_round == 0:
+            self.history = History()
+        return data, population, spec, verbose
+
+    def _callback_list(self, callbacks, verbose: int, params: dict) -> CallbackList:
+        cbs = list(callbacks or [])
+        if verbose and not any(isinstance(cb, ProgressBar) for cb in cbs):
+            cbs.append(ProgressBar(verbose))
+        cbs.append(self.history)
+        self.callbacks = CallbackList(cbs, self, params)
+        self.stop_training = False
+        if verbose:
+            _print_overview(self.params)
+        return self.callbacks
+
+    def _run_round(self, r: int, round_input: RoundInput, callback_list: CallbackList) -> dict[str, float]:
+        result = self.engine.run(self.server_state, self.aggregator_state, self.client_hyperparams,
+                                 self.client_states, round_input)
+        self.server_state, self.aggregator_state = result.server_state, result.aggregator_state
+        self.last_round_info = dict(result.info)
+        bad = result.info["nonfinite_clients"]
+        if bad or not math.isfinite(result.logs.get("loss", 0.0)):
+            warnings.warn(f"round {r + 1}: the training loss is {result.logs.get('loss')}; clients with a non-finite "
+                          f"loss: {bad}. Lower the learning rate or check these clients' data "
                           "(TerminateOnNaN stops training here).", RuntimeWarning, stacklevel=3)
         if callback_list.wants("on_client_results"):
-            callback_list.on_client_results(r, plan.client_ids, _client_logs(plan, client_metrics))
-        return logs
+            callback_list.on_client_results(r, result.client_ids, result.client_logs())
+        return dict(result.logs)
 
-    def _check_model_on(self, data: FederatedData, population: "_Population", spec: BatchSpec) -> None:
+    def _probe_client_hyperparams(self, data: FederatedData) -> None:
+        """Finds the injected hyperparameters of the client optimizer (kept when already found)."""
+        alg, model = self.algorithm, self.model_fns
+        cid = next(c for c in data.client_ids if data.client_size(c) > 0) if self._feature_specs is None else None
+        specs = self._feature_specs or feature_specs(data.get_client(cid))
+
+        def probe(values):
+            ctx = Context(model, 1, 1, tuple(sorted(specs)), rng=jax.random.key(0), num_examples=jnp.float32(1),
+                          num_steps=jnp.int32(1), client_hparams=values)
+            ctx = ctx._replace(broadcast=alg.broadcast(self.server_state, ctx))
+            client_state = None if alg.client_state_init is None else alg.client_state_init(model.init_params)
+            pre = None
+            if alg.prepass is not None and alg.prepass.cohort is None:
+                batch = _abstract_batch(specs, 1)
+                pre = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                   jax.eval_shape(lambda b: alg.prepass.step(ctx.broadcast, b, ctx), batch))
+            alg.client_init(ctx.broadcast, client_state, pre, ctx)
+
+        try:
+            found = _hp.client_defaults(probe)
+        except Exception:  # the engine's abstract trace at fit() names what is wrong with the algorithm
+            return
+        for name, value in found.items():
+            self.client_hyperparams.setdefault(name, value)
+
+    def _check_model_on(self, data: FederatedData, population: Population, spec: BatchSpec) -> None:
         """Runs the model abstractly on one batch of the first client: shape/dtype errors surface here,
         before anything compiles, with the features named."""
         cid = population.ids[0]
@@ -335,9 +343,11 @@ class FederatedTrainer:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue training exactly: server state, client states, round, history."""
+        """Everything needed to continue training exactly: server and aggregator state, client states,
+        round, history."""
         return {
             "server_state": self.server_state,
+            "aggregator_state": self.aggregator_state,
             "client_states": None if self.client_states is None else self.client_states.state_dict(),
             "round": self.round,
             "seed": self.seed,
@@ -360,6 +370,11 @@ class FederatedTrainer:
                 raise ValueError(f"saved server state {path_a} has shape {np.shape(b)}, "
                                  f"this trainer has {np.shape(a)}.")
         self.server_state = jax.tree.map(jnp.asarray, state["server_state"])
+        if "aggregator_state" in state:
+            if jax.tree.structure(state["aggregator_state"]) != jax.tree.structure(self.aggregator_state):
+                raise ValueError(f"the saved aggregator state does not match this trainer's aggregator "
+                                 f"{self.algorithm.aggregator.name!r}.")
+            self.aggregator_state = jax.tree.map(jnp.asarray, state["aggregator_state"])
         if self.client_states is not None and state.get("client_states") is not None:
             self.client_states.load_state_dict(state["client_states"])
         self.round = int(state["round"])
@@ -429,98 +444,3 @@ def _validation_rounds(freq: int | Sequence[int]):
         return lambda done, total: done % freq == 0 or done == total
     wanted = {int(f) for f in freq}
     return lambda done, total: done in wanted
-
-
-def _client_logs(plan: RoundPlan, client_metrics: dict[str, np.ndarray]) -> list[dict[str, float]]:
-    names = {k[: -len("_sum")] for k in client_metrics if k.endswith("_sum")}
-    out = []
-    for pos, (lane, s) in enumerate(plan.placement):
-        logs = {}
-        for name in sorted(names):
-            count = float(client_metrics[f"{name}_count"][lane, s])
-            logs[name] = float(client_metrics[f"{name}_sum"][lane, s]) / count if count > 0 else float("nan")
-        logs["num_examples"] = float(plan.batch.weights[lane, s])
-        for k, v in client_metrics.items():
-            if not k.endswith(("_sum", "_count")):
-                logs[k] = float(np.asarray(v[lane, s]).reshape(-1)[0]) if np.size(v[lane, s]) == 1 else v[lane, s]
-        out.append(logs)
-    return out
-
-
-class _Population:
-    """Clients that can be sampled (non-empty ones), their sizes and step counts."""
-
-    def __init__(self, ids: list[str], sizes: np.ndarray, steps: np.ndarray):
-        self.ids, self.sizes, self.steps = ids, sizes, steps
-
-    @property
-    def size(self) -> int:
-        return len(self.ids)
-
-    @classmethod
-    def of(cls, data: FederatedData, spec: BatchSpec) -> "_Population":
-        ids = list(data.client_ids)
-        if not ids:
-            raise ValueError("the training data has no clients.")
-        sizes_fn = getattr(data, "client_sizes", None)
-        sizes = np.asarray(sizes_fn() if sizes_fn else [data.client_size(c) for c in ids], np.int64)
-        empty = np.flatnonzero(sizes == 0)
-        if empty.size:
-            if empty.size == len(ids):
-                raise ValueError("every client of the training data has zero examples.")
-            warnings.warn(f"{empty.size} of {len(ids)} clients have no examples and are never sampled "
-                          f"(e.g. {[ids[i] for i in empty[:3]]}).", UserWarning, stacklevel=3)
-            keep = np.flatnonzero(sizes > 0)
-            ids, sizes = [ids[i] for i in keep], sizes[keep]
-        return cls(ids, sizes, spec.steps(sizes))
-
-
-class _RoundFeeder:
-    """Samples, reads, packs and transfers a round's data on a background thread, one round ahead.
-
-    Every round's plan is a pure function of (seed, round, cohort size, sampler), so
-    prefetching changes timing only, never results.
-    """
-
-    def __init__(self, trainer: FederatedTrainer, data: FederatedData, population: _Population, spec: BatchSpec):
-        self.trainer, self.data, self.population, self.spec = trainer, data, population, spec
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedtrain-feeder")
-        self._pending: dict[tuple, Future] = {}
-
-    def _key(self, r: int, k: int) -> tuple:
-        return (r, k, id(self.trainer.sampler))
-
-    def _build(self, r: int, k: int):
-        t = self.trainer
-        pop = self.population
-        sampler = t.sampler
-        if hasattr(sampler, "bind"):
-            sampler.bind(pop.ids, pop.sizes)
-        capacity = max_cohort(sampler, pop.size, k)
-        idx = np.asarray(sampler.sample(t.seed, r, pop.size, k), np.int64).reshape(-1)
-        if idx.size > capacity:
-            raise ValueError(f"round {r + 1}: sampler {sampler!r} returned {idx.size} clients, more than its "
-                             f"max_cohort {capacity}.")
-        ids = [pop.ids[i] for i in idx]
-        layout = t.engine.layout(pop.steps, capacity, cohort_steps=pop.steps[idx])
-        plan = build_round(self.data, ids, idx, pop.sizes[idx], self.spec, layout, t._feature_specs, t.seed, r,
-                           local_lanes=t.engine.local_lanes(layout.lanes))
-        device_batch = None if t.backend == "debug" else t.engine.put_lanes(plan.batch)
-        return plan, device_batch
-
-    def prefetch(self, r: int, k: int) -> None:
-        key = self._key(r, k)
-        if key not in self._pending:
-            self._pending[key] = self._pool.submit(self._build, r, k)
-
-    def get(self, r: int, k: int):
-        self.prefetch(r, k)
-        future = self._pending.pop(self._key(r, k))
-        for stale in [key for key in self._pending if key[0] <= r]:
-            self._pending.pop(stale).cancel()
-        return future.result()
-
-    def close(self) -> None:
-        for f in self._pending.values():
-            f.cancel()
-        self._pool.shutdown(wait=True)

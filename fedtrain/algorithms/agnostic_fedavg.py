@@ -3,7 +3,7 @@
 Every example carries an integer feature ``domain_id`` in ``[0, D)``. The server keeps domain
 weights ``lambda`` and the domains' example counts of the last ``W`` rounds; with
 ``alpha = lambda / mean(window)`` each client first measures its per-domain loss sums ``L_i`` and
-counts ``N_i`` at the broadcast model, then trains on ``sum_d alpha_d L_d(batch) / beta_i`` with
+counts ``N_i`` at the broadcast model over its whole dataset (a prepass), then trains on ``sum_d alpha_d L_d(batch) / beta_i`` with
 ``beta_i = alpha . N_i``; deltas are averaged with weights ``beta_i``. The server then applies
 exponentiated gradient: ``lambda <- lambda * exp(eta * L / N)``, normalised.
 """
@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import optax
 
 from fedtrain.aggregators import Aggregator, weighted_mean
-from fedtrain.algorithms._common import example_losses, safe_div
-from fedtrain.algorithms.base import Algorithm, ClientOut, Prepass, RunInfo, check_nonnegative
+from fedtrain.algorithms._common import safe_div, tree_sub
+from fedtrain.algorithms.base import Algorithm, ClientOut, Prepass, check_nonnegative
 from fedtrain.models.adapter import metric_sums
 
 DOMAIN_KEY = "domain_id"
@@ -30,7 +30,6 @@ class AgnosticState(NamedTuple):
     opt_state: Any
     domain_weights: jax.Array  # [D]
     domain_window: jax.Array  # [W, D] example counts of the last W rounds
-    aggregator: Any = ()
 
 
 class AgnosticBroadcast(NamedTuple):
@@ -41,15 +40,8 @@ class AgnosticBroadcast(NamedTuple):
 class AgnosticLocal(NamedTuple):
     params: Any
     opt_state: Any
-    rng: jax.Array
-    alpha: jax.Array
     beta: jax.Array
-    domain_stats: Any  # (loss sums [D], counts [D]) at the broadcast model
-
-
-def _domain_sums(losses, counts, domain_id, num_domains):
-    return (jax.ops.segment_sum(losses, domain_id, num_domains),
-            jax.ops.segment_sum(counts, domain_id, num_domains))
+    domain_stats: Any  # (loss sums [D], counts [D]) over the client's data at the broadcast model
 
 
 def agnostic_fedavg(client_tx: optax.GradientTransformation, init_domain_weights: Sequence[float],
@@ -64,65 +56,54 @@ def agnostic_fedavg(client_tx: optax.GradientTransformation, init_domain_weights
         raise ValueError(f"domain_window_size must be >= 1, got {domain_window_size}.")
     num_domains = int(weights0.size)
     server_tx = server_tx or optax.sgd(1.0)
-    agg = aggregator or weighted_mean()
+
+    def domain_sums(batch, losses, counts, ctx):
+        if DOMAIN_KEY not in batch:
+            raise ValueError(f"agnostic_fedavg needs an integer per-example feature {DOMAIN_KEY!r} in [0, "
+                             f"{num_domains}); the clients have features {list(ctx.features)}.")
+        domain = batch[DOMAIN_KEY]
+        return (jax.ops.segment_sum(losses, domain, num_domains), jax.ops.segment_sum(counts, domain, num_domains))
 
     def init(params):
         window = jnp.ones((int(domain_window_size), num_domains), jnp.float32)
-        return AgnosticState(params, server_tx.init(params), weights0, window, agg.init(params) if agg.stateful else ())
+        return AgnosticState(params, server_tx.init(params), weights0, window)
 
-    def broadcast(state):
+    def broadcast(state, ctx):
         return AgnosticBroadcast(state.params, state.domain_weights / jnp.mean(state.domain_window, axis=0))
 
-    def pre_init(model, bc):
-        del model, bc
-        return jnp.zeros((num_domains,), jnp.float32), jnp.zeros((num_domains,), jnp.float32)
+    def domain_losses(bc, batch, ctx):  # the prepass: every example once, at the broadcast model
+        losses, counts, _ = ctx.example_losses(bc.params, batch)
+        return domain_sums(batch, losses, counts, ctx)
 
-    def pre_step(model, bc, acc, batch):
-        losses, counts, _ = example_losses(model, bc.params, batch)
-        loss_d, num_d = _domain_sums(losses, counts, batch[DOMAIN_KEY], num_domains)
-        return acc[0] + loss_d, acc[1] + num_d
-
-    def client_init(model, bc, client_state, rng, domain_stats):
-        del model, client_state
+    def client_init(bc, client_state, domain_stats, ctx):
         beta = jnp.sum(bc.alpha * domain_stats[1])
-        return AgnosticLocal(bc.params, client_tx.init(bc.params), rng, bc.alpha, beta, domain_stats)
+        return AgnosticLocal(bc.params, ctx.init_optimizer(client_tx, bc.params), beta, domain_stats)
 
-    def client_step(model, local, batch):
-        rng, step_rng = jax.random.split(local.rng)
+    def client_step(local, batch, ctx):
+        alpha = ctx.broadcast.alpha
 
         def objective(p):
-            losses, counts, logits = example_losses(model, p, batch, step_rng, True)
-            loss_d, _ = _domain_sums(losses, counts, batch[DOMAIN_KEY], num_domains)
-            return safe_div(jnp.sum(local.alpha * loss_d), local.beta), logits
+            losses, counts, logits = ctx.example_losses(p, batch, train=True)
+            loss_d, _ = domain_sums(batch, losses, counts, ctx)
+            return safe_div(jnp.sum(alpha * loss_d), local.beta), logits
 
         grads, logits = jax.grad(objective, has_aux=True)(local.params)
         updates, opt_state = client_tx.update(grads, local.opt_state, local.params)
-        new = local._replace(params=optax.apply_updates(local.params, updates), opt_state=opt_state, rng=rng)
-        return new, metric_sums(model, batch, jax.lax.stop_gradient(logits))
+        new = local._replace(params=optax.apply_updates(local.params, updates), opt_state=opt_state)
+        return new, metric_sums(ctx.model, batch, jax.lax.stop_gradient(logits))
 
-    def client_final(model, bc, local, num_examples):
-        del model, num_examples
-        delta = jax.tree.map(jnp.subtract, bc.params, local.params)
-        return ClientOut(delta, local.beta, stats=local.domain_stats)
+    def client_final(bc, local, ctx):
+        return ClientOut(tree_sub(bc.params, local.params), local.beta, stats=local.domain_stats)
 
-    def server_update(state, mean_delta, domain_stats):
+    def server_update(state, mean_delta, domain_stats, ctx):
         loss_sum, num = domain_stats
         updates, opt_state = server_tx.update(mean_delta, state.opt_state, state.params)
         weights = state.domain_weights * jnp.exp(domain_learning_rate * safe_div(loss_sum, num))
         weights = weights / jnp.sum(weights)
         window = jnp.concatenate([state.domain_window[1:], num[None]], axis=0)
         metrics = {f"domain_weight_{d}": weights[d] for d in range(num_domains)}
-        return state._replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state,
-                              domain_weights=weights, domain_window=window), metrics
+        return AgnosticState(optax.apply_updates(state.params, updates), opt_state, weights, window), metrics
 
-    def bind(info: RunInfo) -> Algorithm:
-        if info.features and DOMAIN_KEY not in info.features:
-            raise ValueError(f"agnostic_fedavg needs an integer per-example feature {DOMAIN_KEY!r} in [0, "
-                             f"{num_domains}); the clients have features {list(info.features)}.")
-        return algorithm
-
-    algorithm = Algorithm("agnostic_fedavg", init, broadcast, client_init, client_step, client_final, server_update,
-                          lambda s: s.params, agg, prepass=Prepass(pre_init, pre_step), bind=bind,
-                          hyperparams={"domain_learning_rate": float(domain_learning_rate),
-                                       "num_domains": num_domains})
-    return algorithm
+    return Algorithm("agnostic_fedavg", init, client_init, client_step, client_final, server_update, broadcast,
+                     prepass=Prepass(domain_losses), aggregator=aggregator or weighted_mean(),
+                     hyperparams={"domain_learning_rate": float(domain_learning_rate), "num_domains": num_domains})

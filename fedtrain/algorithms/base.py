@@ -1,23 +1,85 @@
-"""The Algorithm contract: a NamedTuple of pure functions (optax style)."""
+"""The Algorithm contract: a NamedTuple of pure functions (optax style).
+
+Six functions, always called with the same arguments; run facts come in ``ctx``::
+
+    init(params) -> server_state
+    broadcast(server_state, ctx) -> broadcast                    # default: server_state.params
+    client_init(broadcast, client_state, prepass, ctx) -> local
+    client_step(local, batch, ctx) -> (local, metric_sums)     # once per local step
+    client_final(broadcast, local, ctx) -> ClientOut
+    server_update(server_state, aggregate, stats, ctx) -> (server_state, metrics)
+
+Options: ``prepass`` (a pass over each client's whole dataset before training), ``client_state_init``
+(persistent per-client state), ``aggregator`` (how updates are combined; the engine keeps its state),
+``params`` (the model to evaluate), ``eval_models`` (several models: each client is evaluated on its best).
+"""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 
 from fedtrain.aggregators import Aggregator, weighted_mean
+from fedtrain.models.adapter import MASK_KEY, Model, grad_and_metrics
 
 PyTree = Any
+
+
+class Context(NamedTuple):
+    """Facts of the run and of the call, the last argument of every algorithm function.
+
+    Static: ``model``, ``num_clients`` (population size ``N``), ``clients_per_round`` (the cohort's
+    bound), ``features`` (batch feature names). Traced scalars: ``round``; for client functions
+    ``position`` (in the cohort), ``num_examples``, ``num_steps`` (local steps this round) and ``step``
+    (index of the current local step). ``rng`` is a fresh key per call. ``client_hparams`` holds the
+    injected values of client optimizers (see :meth:`init_optimizer`). ``broadcast`` is what the
+    clients receive this round, after any cohort prepass (``None`` inside ``broadcast`` itself).
+    """
+
+    model: Model
+    num_clients: int
+    clients_per_round: int
+    features: tuple[str, ...] = ()
+    round: jax.Array | int = 0
+    rng: jax.Array | None = None
+    position: jax.Array | int = 0
+    num_examples: jax.Array | float = 0.0
+    num_steps: jax.Array | int = 0
+    step: jax.Array | int = 0
+    client_hparams: dict[str, Any] = {}
+    broadcast: PyTree = None
+
+    def grad(self, params: PyTree, batch: dict) -> tuple[PyTree, dict]:
+        """Gradient of the mean loss over the batch's real examples, and the metric sums (train mode)."""
+        return grad_and_metrics(self.model, params, batch, self.rng)
+
+    def example_losses(self, params: PyTree, batch: dict, train: bool = False):
+        """Per-example loss sums and counts ``([B], [B])`` with padding excluded, and the logits."""
+        logits = self.model.apply(params, batch[self.model.input_key], self.rng if train else None, train)
+        values, weights = self.model.loss.fn(batch, logits)
+        mask = batch[MASK_KEY].reshape(batch[MASK_KEY].shape + (1,) * (weights.ndim - 1))
+        weights = weights * mask
+        axes = tuple(range(1, weights.ndim))
+        return jnp.sum(values * weights, axis=axes), jnp.sum(weights, axis=axes), logits
+
+    def init_optimizer(self, tx, params: PyTree) -> PyTree:
+        """``tx.init(params)`` with the scalar hyperparameters of every ``optax.inject_hyperparams``
+        state set from ``client_hparams``: trainer schedules change them without recompiling."""
+        from fedtrain.engine.hyperparams import inject
+
+        return inject(tx.init(params), self.client_hparams)
 
 
 class ClientOut(NamedTuple):
     """What a client sends back.
 
-    ``update`` goes through the algorithm's aggregator with aggregation weight ``weight``;
-    ``client_state`` is stored for the client's next round; ``metrics`` are per-client logs;
-    ``stats`` is summed over the cohort as is (no aggregator) and given to ``server_update``.
+    ``update`` goes through the aggregator with aggregation weight ``weight``; ``client_state`` is
+    stored for the client's next round; ``metrics`` are per-client logs; ``stats`` is summed over
+    the cohort as is (no aggregator) and given to ``server_update``.
     """
 
     update: PyTree
@@ -28,92 +90,98 @@ class ClientOut(NamedTuple):
 
 
 class Prepass(NamedTuple):
-    """A pass over a client's batches with the broadcast model, before local training.
+    """A pass over each client's whole dataset (every example once, in batches) at the broadcast model,
+    before local training, whatever ``local_steps`` and ``local_epochs`` are.
 
-    ``init(model, broadcast) -> acc`` and ``step(model, broadcast, acc, batch) -> acc`` fold the
-    client's batches (``batch['mask']`` marks real examples). Without ``cohort`` the result goes to
-    that client's ``client_init`` as a fifth argument. With ``cohort(broadcast, total) -> broadcast``
-    the pass runs over the whole cohort first, the results are summed, and every client trains from
-    the broadcast ``cohort`` returns.
+    ``step(broadcast, batch, ctx) -> sums`` is summed over the client's batches (``batch['mask']``
+    marks real examples); the sum is ``client_init``'s ``prepass`` argument. With
+    ``cohort(broadcast, total, ctx) -> broadcast`` the sums of the whole cohort are added first and
+    every client trains from the broadcast it returns (``client_init`` then gets ``None``).
     """
 
-    init: Callable[..., PyTree]
-    step: Callable[..., PyTree]
-    cohort: Callable[[PyTree, PyTree], PyTree] | None = None
+    step: Callable[[PyTree, dict, Context], PyTree]
+    cohort: Callable[[PyTree, PyTree, Context], PyTree] | None = None
 
 
-class RunInfo(NamedTuple):
-    """What the engine knows about a run: population size, cohort size and batch features."""
+def default_broadcast(server_state: PyTree, ctx: Context) -> PyTree:
+    del ctx
+    return server_state.params
 
-    num_clients: int | None = None
-    clients_per_round: int | None = None
-    features: tuple[str, ...] = ()
+
+def default_params(server_state: PyTree) -> PyTree:
+    return server_state.params
 
 
 class Algorithm(NamedTuple):
-    """A federated algorithm as pure functions; the engine compiles them into one round.
-
-    - ``init(params) -> server_state`` (a ``server_state.aggregator`` field, when present, holds the
-      aggregator's state)
-    - ``broadcast(server_state) -> broadcast`` (what every client receives)
-    - ``client_init(model, broadcast, client_state, rng[, prepass]) -> local``
-    - ``client_step(model, local, batch) -> (local, metric_sums)`` (scanned over steps;
-      ``batch['mask']`` marks real examples)
-    - ``client_final(model, broadcast, local, num_examples) -> ClientOut``
-    - ``server_update(server_state, aggregate[, stats]) -> (server_state, server_metrics)``;
-      ``stats`` (the summed ``ClientOut.stats``) is passed only when it is not empty
-    - ``params(server_state) -> params`` (the model to evaluate)
-    - ``aggregator``: how ``ClientOut.update`` values are combined
-    - ``client_state_init(params) -> client_state`` for stateful clients, else ``None``
-    - ``prepass``: an optional :class:`Prepass`
-    - ``bind(run_info) -> Algorithm``: specialises the algorithm to a run; raises ``ValueError`` for
-      data it cannot train on (e.g. a missing feature)
-    - ``eval_models(server_state) -> stacked``: for algorithms with several models (leading axis
-      ``k``), evaluation gives each client the one with the lowest loss on its data (else ``None``:
-      every client is evaluated on ``params(server_state)``)
-    """
+    """A federated algorithm as pure functions; the engine compiles them into one round (see the
+    module docstring for the signatures)."""
 
     name: str
     init: Callable[[PyTree], PyTree]
-    broadcast: Callable[[PyTree], PyTree]
-    client_init: Callable[..., PyTree]
-    client_step: Callable[..., tuple[PyTree, dict]]
-    client_final: Callable[..., ClientOut]
-    server_update: Callable[..., tuple[PyTree, dict]]
-    params: Callable[[PyTree], PyTree]
-    aggregator: Aggregator = weighted_mean()
-    client_state_init: Callable[[PyTree], PyTree] | None = None
-    hyperparams: dict[str, Any] = {}
+    client_init: Callable[[PyTree, PyTree, PyTree, Context], PyTree]
+    client_step: Callable[[PyTree, dict, Context], tuple[PyTree, dict]]
+    client_final: Callable[[PyTree, PyTree, Context], ClientOut]
+    server_update: Callable[[PyTree, PyTree, PyTree, Context], tuple[PyTree, dict]]
+    broadcast: Callable[[PyTree, Context], PyTree] = default_broadcast
+    params: Callable[[PyTree], PyTree] = default_params
     prepass: Prepass | None = None
-    bind: Callable[[RunInfo], Algorithm] | None = None
+    client_state_init: Callable[[PyTree], PyTree] | None = None
+    aggregator: Aggregator = weighted_mean()
     eval_models: Callable[[PyTree], PyTree] | None = None
+    hyperparams: dict[str, Any] = {}
 
 
-def aggregator_state(algorithm: Algorithm, server_state: PyTree) -> PyTree:
-    """The aggregator's state: the ``aggregator`` field of the server state, looking through
-    wrappers that hold the algorithm's state in a ``state`` field (``()`` for stateless aggregators)."""
-    if not algorithm.aggregator.stateful:
-        return ()
-    if hasattr(server_state, "aggregator"):
-        return server_state.aggregator
-    if hasattr(server_state, "state"):
-        return aggregator_state(algorithm, server_state.state)
-    raise ValueError(f"aggregator {algorithm.aggregator.name!r} keeps state across rounds, but the server "
-                     f"state of algorithm {algorithm.name!r} has no 'aggregator' field to hold it.")
+SIGNATURES = {
+    "init": "init(params) -> server_state",
+    "broadcast": "broadcast(server_state, ctx) -> broadcast",
+    "client_init": "client_init(broadcast, client_state, prepass, ctx) -> local",
+    "client_step": "client_step(local, batch, ctx) -> (local, metric_sums)",
+    "client_final": "client_final(broadcast, local, ctx) -> ClientOut",
+    "server_update": "server_update(server_state, aggregate, stats, ctx) -> (server_state, metrics)",
+    "params": "params(server_state) -> params",
+    "prepass.step": "prepass.step(broadcast, batch, ctx) -> sums",
+    "prepass.cohort": "prepass.cohort(broadcast, total, ctx) -> broadcast",
+    "client_state_init": "client_state_init(params) -> client_state",
+    "eval_models": "eval_models(server_state) -> stacked_params",
+}
 
 
-def with_aggregator_state(algorithm: Algorithm, server_state: PyTree, state: PyTree) -> PyTree:
-    """``server_state`` with the aggregator's new state stored where :func:`aggregator_state` found it."""
-    if not algorithm.aggregator.stateful:
-        return server_state
-    if hasattr(server_state, "aggregator"):
-        return server_state._replace(aggregator=state)
-    return server_state._replace(state=with_aggregator_state(algorithm, server_state.state, state))
+def _arity_error(algorithm: str, field: str, fn) -> str | None:
+    expected = SIGNATURES[field]
+    if not callable(fn):
+        return f"algorithm {algorithm!r}: {field} must be a function {expected}, got {type(fn).__name__}."
+    try:
+        inspect.signature(fn).bind(*range(expected.split("(")[1].split(")")[0].count(",") + 1))
+    except TypeError:
+        return (f"algorithm {algorithm!r}: {field} has signature {field}{inspect.signature(fn)}; "
+                f"the contract is {expected}.")
+    except ValueError:  # builtins without a signature: checked when called
+        return None
+    return None
 
 
-def bound(algorithm: Algorithm, info: RunInfo) -> Algorithm:
-    """``algorithm.bind(info)`` when the algorithm has one, else the algorithm itself."""
-    return algorithm if algorithm.bind is None else algorithm.bind(info)
+def check_algorithm(algorithm: Algorithm) -> None:
+    """Raises ``TypeError`` naming the first function whose signature does not fit the contract."""
+    if not isinstance(algorithm, Algorithm):
+        raise TypeError(f"algorithm must be a fedtrain.algorithms.Algorithm (e.g. "
+                        f"fedtrain.algorithms.fedavg(optax.sgd(0.1))); got {type(algorithm).__name__}.")
+    fields = ["init", "broadcast", "client_init", "client_step", "client_final", "server_update", "params"]
+    fields += [f for f in ("client_state_init", "eval_models") if getattr(algorithm, f) is not None]
+    checks = [(f, getattr(algorithm, f)) for f in fields]
+    if algorithm.prepass is not None:
+        if not isinstance(algorithm.prepass, Prepass):
+            raise TypeError(f"algorithm {algorithm.name!r}: prepass must be a fedtrain.algorithms.Prepass, "
+                            f"got {type(algorithm.prepass).__name__}.")
+        checks.append(("prepass.step", algorithm.prepass.step))
+        if algorithm.prepass.cohort is not None:
+            checks.append(("prepass.cohort", algorithm.prepass.cohort))
+    for field, fn in checks:
+        error = _arity_error(algorithm.name, field, fn)
+        if error:
+            raise TypeError(error)
+    if not isinstance(algorithm.aggregator, Aggregator):
+        raise TypeError(f"algorithm {algorithm.name!r}: aggregator must be a fedtrain.aggregators.Aggregator, "
+                        f"got {type(algorithm.aggregator).__name__}.")
 
 
 def check_nonnegative(**values: float) -> None:

@@ -9,24 +9,21 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-import jax
 import optax
 
 from fedtrain.aggregators import Aggregator, weighted_mean
 from fedtrain.algorithms.base import Algorithm, ClientOut
-from fedtrain.models.adapter import grad_and_metrics
+from fedtrain.algorithms._common import tree_sub
 
 
 class ServerState(NamedTuple):
     params: Any
     opt_state: Any
-    aggregator: Any = ()
 
 
 class ClientLocal(NamedTuple):
     params: Any
     opt_state: Any
-    rng: jax.Array
 
 
 def fedopt(
@@ -39,45 +36,26 @@ def fedopt(
 ) -> Algorithm:
     """FedOpt with ``client_tx`` on clients and ``server_tx`` applied to the mean client delta."""
 
-    agg = aggregator or weighted_mean()
-
     def init(params):
-        return ServerState(params, server_tx.init(params), agg.init(params) if agg.stateful else ())
+        return ServerState(params, server_tx.init(params))
 
-    def broadcast(state):
-        return state.params
+    def client_init(params, client_state, prepass, ctx):
+        return ClientLocal(params, ctx.init_optimizer(client_tx, params))
 
-    def client_init(model, params, client_state, rng):
-        del model, client_state
-        return ClientLocal(params, client_tx.init(params), rng)
-
-    def client_step(model, local, batch):
-        rng, step_rng = jax.random.split(local.rng)
-        grads, sums = grad_and_metrics(model, local.params, batch, step_rng)
+    def client_step(local, batch, ctx):
+        grads, sums = ctx.grad(local.params, batch)
         updates, opt_state = client_tx.update(grads, local.opt_state, local.params)
-        return ClientLocal(optax.apply_updates(local.params, updates), opt_state, rng), sums
+        return ClientLocal(optax.apply_updates(local.params, updates), opt_state), sums
 
-    def client_final(model, params, local, num_examples):
-        del model
-        delta = jax.tree.map(lambda g, l: g - l, params, local.params)
-        return ClientOut(delta, num_examples)
+    def client_final(params, local, ctx):
+        return ClientOut(tree_sub(params, local.params), ctx.num_examples)
 
-    def server_update(state, mean_delta):
+    def server_update(state, mean_delta, stats, ctx):
         updates, opt_state = server_tx.update(mean_delta, state.opt_state, state.params)
-        return state._replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state), {}
+        return ServerState(optax.apply_updates(state.params, updates), opt_state), {}
 
-    return Algorithm(
-        name=name,
-        init=init,
-        broadcast=broadcast,
-        client_init=client_init,
-        client_step=client_step,
-        client_final=client_final,
-        server_update=server_update,
-        params=lambda state: state.params,
-        aggregator=agg,
-        hyperparams=dict(hyperparams or {}),
-    )
+    return Algorithm(name, init, client_init, client_step, client_final, server_update,
+                     aggregator=aggregator or weighted_mean(), hyperparams=dict(hyperparams or {}))
 
 
 def fedavg(client_tx: optax.GradientTransformation, server_learning_rate: float = 1.0, **kw) -> Algorithm:

@@ -8,15 +8,14 @@ import jax
 import optax
 
 from fedtrain.aggregators import Aggregator, weighted_mean
+from fedtrain.algorithms._common import tree_sub
 from fedtrain.algorithms.base import Algorithm, ClientOut, check_nonnegative
 from fedtrain.algorithms.fedopt import ServerState
-from fedtrain.models.adapter import grad_and_metrics
 
 
 class ProxLocal(NamedTuple):
     params: Any
     opt_state: Any
-    rng: jax.Array
     anchor: Any
 
 
@@ -26,29 +25,25 @@ def fedprox(client_tx: optax.GradientTransformation, mu: float, server_tx: optax
     ``server_tx`` (default SGD at rate 1, i.e. averaging) to the mean delta."""
     check_nonnegative(mu=mu)
     server_tx = server_tx or optax.sgd(1.0)
-    agg = aggregator or weighted_mean()
 
     def init(params):
-        return ServerState(params, server_tx.init(params), agg.init(params) if agg.stateful else ())
+        return ServerState(params, server_tx.init(params))
 
-    def client_init(model, params, client_state, rng):
-        del model, client_state
-        return ProxLocal(params, client_tx.init(params), rng, params)
+    def client_init(params, client_state, prepass, ctx):
+        return ProxLocal(params, ctx.init_optimizer(client_tx, params), params)
 
-    def client_step(model, local, batch):
-        rng, step_rng = jax.random.split(local.rng)
-        grads, sums = grad_and_metrics(model, local.params, batch, step_rng)
+    def client_step(local, batch, ctx):
+        grads, sums = ctx.grad(local.params, batch)
         grads = jax.tree.map(lambda g, w, a: g + mu * (w - a), grads, local.params, local.anchor)
         updates, opt_state = client_tx.update(grads, local.opt_state, local.params)
-        return local._replace(params=optax.apply_updates(local.params, updates), opt_state=opt_state, rng=rng), sums
+        return local._replace(params=optax.apply_updates(local.params, updates), opt_state=opt_state), sums
 
-    def client_final(model, params, local, num_examples):
-        del model
-        return ClientOut(jax.tree.map(lambda g, l: g - l, params, local.params), num_examples)
+    def client_final(params, local, ctx):
+        return ClientOut(tree_sub(params, local.params), ctx.num_examples)
 
-    def server_update(state, mean_delta):
+    def server_update(state, mean_delta, stats, ctx):
         updates, opt_state = server_tx.update(mean_delta, state.opt_state, state.params)
-        return state._replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state), {}
+        return ServerState(optax.apply_updates(state.params, updates), opt_state), {}
 
-    return Algorithm("fedprox", init, lambda s: s.params, client_init, client_step, client_final, server_update,
-                     lambda s: s.params, agg, hyperparams={"mu": float(mu)})
+    return Algorithm("fedprox", init, client_init, client_step, client_final, server_update,
+                     aggregator=aggregator or weighted_mean(), hyperparams={"mu": float(mu)})

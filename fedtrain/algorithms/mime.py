@@ -3,7 +3,7 @@ state (momentum, Adam moments, ...) frozen; only the server updates that state, 
 full-batch gradient of the cohort at the broadcast model.
 
 - MimeLite: local steps use the plain minibatch gradient ``g(y)``. Each client computes its
-  full-batch gradient at ``x`` in a pass over its batches before training (or, with
+  full-batch gradient at ``x`` in a pass over its whole dataset before training (or, with
   ``full_batch_gradient=False``, reuses its first local step's minibatch gradient, taken at ``x``,
   at no extra cost); deltas may be clipped.
 - Mime: local steps use ``g(y) - g(x) + c`` with ``c`` the cohort's full-batch gradient at ``x``,
@@ -18,18 +18,17 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from fedtrain.aggregators import Aggregator, clip_by_norm, weighted_mean
-from fedtrain.algorithms._common import grad_sum, safe_div, tree_add, tree_scale, tree_sub, tree_zeros
+from fedtrain.algorithms._common import grad_sum, safe_div, tree_add, tree_sub, tree_zeros
 from fedtrain.algorithms.base import Algorithm, ClientOut, Prepass, check_nonnegative
-from fedtrain.models.adapter import grad_and_metrics
 
 
 class MimeState(NamedTuple):
     params: Any
     opt_state: Any
-    aggregator: Any = ()
 
 
 class MimeBroadcast(NamedTuple):
@@ -40,21 +39,11 @@ class MimeBroadcast(NamedTuple):
 
 class MimeLocal(NamedTuple):
     params: Any
-    rng: jax.Array
     full_grad: Any  # MimeLite: (summed gradient at x, example count)
-    bc: MimeBroadcast
 
 
-def _gradient_pass() -> Prepass:
-    def init(model, bc):
-        del model
-        return tree_zeros(bc.params), jax.numpy.zeros((), jax.numpy.float32)
-
-    def step(model, bc, acc, batch):
-        g, n = grad_sum(model, bc.params, batch)
-        return tree_add(acc[0], g), acc[1] + n
-
-    return Prepass(init, step)
+def _gradient_sum(bc, batch, ctx):
+    return grad_sum(ctx.model, bc.params, batch)
 
 
 def _build(name: str, base_tx: optax.GradientTransformation, server_learning_rate: float, full: bool,
@@ -63,68 +52,59 @@ def _build(name: str, base_tx: optax.GradientTransformation, server_learning_rat
     check_nonnegative(server_learning_rate=server_learning_rate)
     if client_delta_clip_norm is not None and not client_delta_clip_norm > 0:
         raise ValueError(f"client_delta_clip_norm must be > 0, got {client_delta_clip_norm}.")
-    agg = aggregator or weighted_mean()
-    gradient_pass = _gradient_pass()
+    first_step_gradient = not full and not full_batch_gradient
 
     def init(params):
-        return MimeState(params, base_tx.init(params), agg.init(params) if agg.stateful else ())
+        return MimeState(params, base_tx.init(params))
 
-    def broadcast(state):
+    def broadcast(state, ctx):
         return MimeBroadcast(state.params, state.opt_state, tree_zeros(state.params) if full else ())
 
-    def cohort(bc, total):
+    def cohort(bc, total, ctx):
         g, n = total
         return bc._replace(control=jax.tree.map(lambda x: safe_div(x, n), g))
 
-    def client_init(model, bc, client_state, rng, *prepass):
-        del model, client_state
-        if full:
-            return MimeLocal(bc.params, rng, (), bc)
-        if full_batch_gradient:
-            return MimeLocal(bc.params, rng, prepass[0], bc)
-        return MimeLocal(bc.params, rng, (tree_zeros(bc.params), jax.numpy.zeros((), jax.numpy.float32)), bc)
+    def client_init(bc, client_state, full_grad, ctx):
+        if first_step_gradient:
+            full_grad = (tree_zeros(bc.params), jnp.zeros((), jnp.float32))
+        return MimeLocal(bc.params, () if full else full_grad)
 
-    def client_step(model, local, batch):
-        bc = local.bc
-        rng, step_rng = jax.random.split(local.rng)
-        grads, sums = grad_and_metrics(model, local.params, batch, step_rng)
-        if not full and not full_batch_gradient:  # the first step is taken at x: keep its gradient
-            first = local.full_grad[1] == 0
+    def client_step(local, batch, ctx):
+        bc = ctx.broadcast
+        grads, sums = ctx.grad(local.params, batch)
+        if first_step_gradient:  # the first step is taken at x: keep its gradient
+            first = ctx.step == 0
             count = sums["loss"][1]
             local = local._replace(full_grad=(
-                jax.tree.map(lambda a, g: jax.numpy.where(first, g * count, a), local.full_grad[0], grads),
-                jax.numpy.where(first, count, local.full_grad[1])))
+                jax.tree.map(lambda a, g: jnp.where(first, g * count, a), local.full_grad[0], grads),
+                jnp.where(first, count, local.full_grad[1])))
         if full:
-            old, _ = grad_and_metrics(model, bc.params, batch, step_rng)
+            old, _ = ctx.grad(bc.params, batch)
             grads = tree_add(tree_sub(grads, old), bc.control)
         updates, _ = base_tx.update(grads, bc.opt_state, local.params)  # state stays frozen
-        return local._replace(params=optax.apply_updates(local.params, updates), rng=rng), sums
+        return local._replace(params=optax.apply_updates(local.params, updates)), sums
 
-    def client_final(model, bc, local, num_examples):
-        del model
+    def client_final(bc, local, ctx):
         delta = tree_sub(bc.params, local.params)
         if client_delta_clip_norm is not None:
             delta, _ = clip_by_norm(delta, client_delta_clip_norm)
-        if full:  # the server's gradient is the cohort control variate, reported with this client's weight
-            stats = (tree_scale(bc.control, num_examples), num_examples)
-        else:
-            stats = local.full_grad
-        return ClientOut(delta, num_examples, stats=stats)
+        return ClientOut(delta, ctx.num_examples, stats=local.full_grad)
 
-    def server_update(state, mean_delta, grad_stats):
-        g, n = grad_stats
-        mean_grad = jax.tree.map(lambda x: safe_div(x, n), g)
+    def server_update(state, mean_delta, grad_stats, ctx):
+        if full:  # the cohort's full-batch gradient, computed by the cohort prepass
+            mean_grad = ctx.broadcast.control
+        else:
+            g, n = grad_stats
+            mean_grad = jax.tree.map(lambda x: safe_div(x, n), g)
         _, opt_state = base_tx.update(mean_grad, state.opt_state, state.params)
         params = jax.tree.map(lambda p, d: p - server_learning_rate * d, state.params, mean_delta)
-        return state._replace(params=params, opt_state=opt_state), {}
+        return MimeState(params, opt_state), {}
 
-    prepass = Prepass(gradient_pass.init, gradient_pass.step, cohort if full else None)
-    if not full and not full_batch_gradient:
-        prepass = None
+    prepass = None if first_step_gradient else Prepass(_gradient_sum, cohort if full else None)
     hp = {"server_learning_rate": server_learning_rate, "client_delta_clip_norm": client_delta_clip_norm,
           "full_batch_gradient": full_batch_gradient}
-    return Algorithm(name, init, broadcast, client_init, client_step, client_final, server_update,
-                     lambda s: s.params, agg, hyperparams=hp, prepass=prepass)
+    return Algorithm(name, init, client_init, client_step, client_final, server_update, broadcast,
+                     prepass=prepass, aggregator=aggregator or weighted_mean(), hyperparams=hp)
 
 
 def mime(base_tx: optax.GradientTransformation, server_learning_rate: float = 1.0, *,

@@ -88,8 +88,9 @@ class History(Callback):
 
     def plot(self, path=None, *, keys=None, title: str | None = None):
         """Learning curves (loss, metrics and their ``val_*``) in one figure; saved as PNG if ``path``
-        is given. Needs matplotlib (``pip install fedtrain[plots]``). Returns the figure."""
-        from fedtrain.callbacks.plots import plot_curves
+        is given. Needs matplotlib (``pip install fedtrain[plots]``). Returns the figure
+        (drawn by ``fedtrain.logs.plots.plot_curves``)."""
+        from fedtrain.logs.plots import plot_curves
 
         return plot_curves(self.rounds, self.history, path, keys=keys, title=title)
 

@@ -27,7 +27,7 @@ import numpy as np
 from fedtrain.callbacks.base import Callback, History
 from fedtrain.callbacks.early_stopping import MonitoredMetric
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the aggregator's state is saved beside the server state, not inside it
 log = logging.getLogger("fedtrain")
 
 
@@ -37,6 +37,12 @@ class CheckpointError(RuntimeError):
 
 class CheckpointMismatchError(CheckpointError, ValueError):
     """A checkpoint was written by a different model, algorithm or client state layout."""
+
+
+def _version() -> str:
+    from fedtrain._version import __version__
+
+    return __version__
 
 
 def _ocp():
@@ -50,6 +56,11 @@ def _structure(tree) -> list[list]:
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
     return [[jax.tree_util.keystr(p), list(np.shape(x)), str(np.asarray(x).dtype if not hasattr(x, "dtype")
                                                               else x.dtype)] for p, x in flat]
+
+
+def _server_tree(trainer) -> dict:
+    """What the ``server_state`` item holds: the algorithm's state and the aggregator's."""
+    return {"server": trainer.server_state, "aggregator": trainer.aggregator_state}
 
 
 def _checksum(server_state, client_rows: dict[str, np.ndarray] | None) -> str:
@@ -102,11 +113,11 @@ def _history_with(trainer, round_index: int, logs: dict) -> dict:
 
 
 def _metadata(trainer, completed: int, history: dict, client_ids: list[str], client_rows, extra: dict) -> dict:
-    from fedtrain import __version__
+    from fedtrain._version import __version__
 
     client_structure = None
     if trainer.client_states is not None:
-        client_structure = _structure(trainer.client_states.get("__none__"))
+        client_structure = _structure(trainer.client_states.initial_state())
     return {
         "format": FORMAT_VERSION,
         "fedtrain_version": __version__,
@@ -114,14 +125,14 @@ def _metadata(trainer, completed: int, history: dict, client_ids: list[str], cli
         "seed": int(trainer.seed),
         "algorithm": trainer.algorithm.name,
         "model": getattr(trainer.model_fns, "name", None),
-        "structure": _structure(trainer.server_state),
+        "structure": _structure(_server_tree(trainer)),
         "client_structure": client_structure,
         "client_ids": client_ids,
         "client_hyperparams": {k: float(v) for k, v in trainer.client_hyperparams.items()},
         "history": history,
         "callbacks": _callback_states(trainer),
         "callback_array_keys": sorted(_callback_arrays(trainer)),
-        "checksum": _checksum(trainer.server_state, client_rows),
+        "checksum": _checksum(_server_tree(trainer), client_rows),
         **extra,
     }
 
@@ -151,14 +162,20 @@ def _check_compatible(trainer, meta: dict, where: Path) -> None:
         raise CheckpointMismatchError(
             f"{where} was written in checkpoint format {fmt} by fedtrain {meta.get('fedtrain_version')}; this "
             f"fedtrain reads format <= {FORMAT_VERSION}. Upgrade fedtrain to restore it.")
+    if fmt < FORMAT_VERSION:
+        raise CheckpointMismatchError(
+            f"{where} was written in checkpoint format {fmt} by fedtrain {meta.get('fedtrain_version')}; this "
+            f"fedtrain ({_version()}) reads format {FORMAT_VERSION}: since 0.2.0 the aggregator's state is kept "
+            "beside the server state, not inside it. Restore it with the fedtrain version that wrote it "
+            "(pip install 'fedtrain<0.2'), or start a new checkpoint directory.")
     problems = []
     if meta.get("algorithm") != trainer.algorithm.name:
         problems.append(f"algorithm: saved {meta.get('algorithm')!r}, this trainer {trainer.algorithm.name!r}")
     model = getattr(trainer.model_fns, "name", None)
     if meta.get("model") and model and meta["model"] != model:
         problems.append(f"model: saved {meta['model']!r}, this trainer {model!r}")
-    problems += _diff_structure("server state", meta.get("structure") or [], _structure(trainer.server_state))
-    here = None if trainer.client_states is None else _structure(trainer.client_states.get("__none__"))
+    problems += _diff_structure("server state", meta.get("structure") or [], _structure(_server_tree(trainer)))
+    here = None if trainer.client_states is None else _structure(trainer.client_states.initial_state())
     saved = meta.get("client_structure")
     if (saved is None) != (here is None):
         problems.append(f"client state: saved {'none' if saved is None else 'per-client state'}, this algorithm "
@@ -193,7 +210,7 @@ def _load_step(trainer, directory: Path, step: int) -> dict:
     step_dir = directory / str(step)
     meta = _read_metadata(step_dir)
     _check_compatible(trainer, meta, step_dir)
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, trainer.server_state)
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _server_tree(trainer))
     handler = ocp.StandardCheckpointHandler()
     ckptr = ocp.Checkpointer(handler)
     try:
@@ -206,7 +223,7 @@ def _load_step(trainer, directory: Path, step: int) -> dict:
         if (step_dir / "callback_arrays").exists():
             keys = meta.get("callback_array_keys") or []
             arrays = ckptr.restore(step_dir / "callback_arrays",
-                                   args=ocp.args.StandardRestore({k: abstract for k in keys}))
+                                   args=ocp.args.StandardRestore({k: abstract["server"] for k in keys}))
     finally:
         ckptr.close()
     if _checksum(server_state, rows) != meta.get("checksum"):
@@ -215,7 +232,8 @@ def _load_step(trainer, directory: Path, step: int) -> dict:
     if rows is not None:
         names = sorted(rows)
         client_states = {cid: [rows[n][i] for n in names] for i, cid in enumerate(meta["client_ids"])}
-    return {"server_state": server_state, "client_states": client_states, "round": meta["round"],
+    return {"server_state": server_state["server"], "aggregator_state": server_state["aggregator"],
+            "client_states": client_states, "round": meta["round"],
             "seed": meta["seed"], "algorithm": meta["algorithm"], "history": meta.get("history"),
             "client_hyperparams": meta.get("client_hyperparams"), "meta": meta, "callback_arrays": arrays}
 
@@ -408,7 +426,7 @@ class OrbaxCheckpoint(Callback):
         ids, rows = _stack_clients(trainer)
         extra = {"best": {"monitor": self.monitor, "value": self.best} if self.monitor else None}
         meta = _metadata(trainer, completed, _history_with(trainer, round, logs), ids, rows, extra)
-        items = {"server_state": ocp.args.StandardSave(trainer.server_state),
+        items = {"server_state": ocp.args.StandardSave(_server_tree(trainer)),
                  "metadata": ocp.args.JsonSave(meta)}
         if rows is not None:
             items["client_states"] = ocp.args.StandardSave(rows)

@@ -1,5 +1,5 @@
-"""The ``debug`` backend: the same round as plain Python, one client and one step at a time,
-without jit. Slow; for finding which client breaks and for checking the compiled engine."""
+"""The ``debug`` backend: the compiled round's per-client function run eagerly, one client and one
+step at a time, without jit. Slow; for finding which client breaks and for checking the engine."""
 
 from __future__ import annotations
 
@@ -7,105 +7,89 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedtrain.aggregators import global_norm
-from fedtrain.algorithms.base import Algorithm, aggregator_state
-from fedtrain.engine.plan import RoundPlan
-from fedtrain.engine.round import RoundOutput, client_keys, finish_round
-from fedtrain.models.adapter import MASK_KEY, Model
+from fedtrain.algorithms.base import Algorithm, Context
+from fedtrain.engine.plan import RoundInput
+from fedtrain.engine.round import (ClientRound, RoundOutputs, SlotOutputs, finish_round, make_cohort_prepass_fn,
+                                   round_keys)
 
 
 class ClientStepError(RuntimeError):
     """A client's local step failed; the message names the round, client and step."""
 
 
-def run_round_debug(model: Model, algorithm: Algorithm, server_state, plan: RoundPlan, client_states,
-                    round_key) -> RoundOutput:
-    b = plan.batch
-    lanes, slots = b.weights.shape
-    broadcast = algorithm.broadcast(server_state)
-    agg_state = aggregator_state(algorithm, server_state)
-    train_key, contrib_key, server_key = client_keys(round_key)
-    pre = algorithm.prepass
+def _stack(rows: list, lanes: int, slots: int):
+    """``rows[lane * slots + slot]`` pytrees stacked to ``[lanes, slots, ...]``."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs).reshape((lanes, slots) + jnp.shape(xs[0])), *rows)
 
-    def batch_of(lane, i):
-        batch = {k: jnp.asarray(v[lane, i]) for k, v in b.features.items()}
-        batch[MASK_KEY] = jnp.asarray(b.mask[lane, i])
-        return batch
 
-    def client_steps(lane, s):
-        return [i for i in range(int(b.num_steps[lane])) if b.slot[lane, i] == s]
+def run_round_debug(algorithm: Algorithm, ctx: Context, server_state, agg_state, client_hparams, client_states,
+                    round_input: RoundInput, round_key) -> RoundOutputs:
+    a = jax.tree.map(jnp.asarray, round_input.arrays)
+    lanes, slots = round_input.layout.lanes, round_input.layout.slots
+    train_key, contrib_key, server_key = round_keys(round_key)
+    c = ctx._replace(round=jnp.int32(round_input.round_index), client_hparams=client_hparams)
+    c = c._replace(broadcast=algorithm.broadcast(server_state, c))
+    if algorithm.prepass is not None and algorithm.prepass.cohort is not None:
+        pre_lane = make_cohort_prepass_fn(algorithm, round_input.arrays.mask.shape[-1])
+        total = jax.tree.map(lambda *xs: sum(xs), *[pre_lane(jax.tree.map(lambda x: x[lane], a), c, train_key)
+                                                   for lane in range(lanes)])
+        c = c._replace(broadcast=algorithm.prepass.cohort(c.broadcast, total, c._replace(rng=server_key)))
+    agg = algorithm.aggregator
+    total, rows = None, []
+    for lane in range(lanes):
+        lane_arrays = jax.tree.map(lambda x: x[lane], a)
+        for s in range(slots):
+            pos = int(round_input.arrays.positions[lane, s])
+            slot = tuple(x[lane, s] for x in (a.start, a.steps, a.pre_start, a.pre_steps, a.num_examples, a.positions))
+            cstate = None if client_states is None else jax.tree.map(lambda x: jnp.asarray(x[lane, s]), client_states)
+            if pos < 0 or int(slot[1]) == 0:  # an empty slot: nothing to train, nothing to add
+                rows.append(None)
+                continue
+            where = f"round {round_input.round_index + 1}, client {round_input.client_ids[pos]!r} (cohort position {pos})"
+            client = ClientRound(algorithm, False, round_input.arrays.mask.shape[-1], loop=_checked_loop(where))
+            out, sums = client.train(lane_arrays, slot, cstate, c, train_key)
+            part, sides = agg.contribution(out.update, out.weight, jax.random.fold_in(contrib_key, pos), agg_state)
+            summed = ((() if agg.gathers else part, sides), out.stats)
+            total = summed if total is None else jax.tree.map(jnp.add, total, summed)
+            rows.append(SlotOutputs(sums, jnp.float32(0) + _norm(out.update), out.metrics, out.client_state,
+                                    part if agg.gathers else ()))
+    real = [r for r in rows if r is not None]
+    if not real:
+        raise ValueError(f"round {round_input.round_index + 1}: no client in the cohort has any examples.")
+    template = jax.tree.map(jnp.zeros_like, real[0])
+    filled = []
+    for i, r in enumerate(rows):
+        if r is None:
+            r = template
+            if client_states is not None:
+                r = r._replace(client_state=jax.tree.map(lambda x: jnp.asarray(x[i // slots, i % slots]), client_states))
+        filled.append(r)
+    return finish_round(algorithm, server_state, agg_state, total, _stack(filled, lanes, slots),
+                        c._replace(rng=server_key))
 
-    def prepass_of(lane, steps):
-        acc = pre.init(model, broadcast)
-        for i in steps:
-            acc = pre.step(model, broadcast, acc, batch_of(lane, i))
-        return acc
 
-    if pre is not None and pre.cohort is not None:
-        total = None
-        for lane, s in plan.placement:
-            steps = client_steps(lane, s)
-            if steps:
-                acc = prepass_of(lane, steps)
-                total = acc if total is None else jax.tree.map(jnp.add, total, acc)
-        if total is not None:
-            broadcast = pre.cohort(broadcast, total)
-    contrib_total = None
-    gathers, gathered = algorithm.aggregator.gathers, None
-    metric_sums: dict = {}
-    update_norm = np.zeros((lanes, slots), np.float32)
-    extras: dict = {}
-    new_states = client_states
-    for pos, (lane, s) in enumerate(plan.placement):
-        cid = plan.client_ids[pos]
-        steps = client_steps(lane, s)
-        if not steps:
-            continue
-        state = None if client_states is None else jax.tree.map(lambda x: x[lane, s], client_states)
-        init_args = (model, broadcast, state, jax.random.fold_in(train_key, pos))
-        if pre is not None and pre.cohort is None:
-            init_args = init_args + (prepass_of(lane, steps),)
-        local = algorithm.client_init(*init_args)
-        sums = None
-        for j, i in enumerate(steps):
-            batch = batch_of(lane, i)
-            where = f"round {plan.round_index + 1}, client {cid!r} (cohort position {pos}), local step {j + 1}/{len(steps)}"
+def _norm(tree) -> jax.Array:
+    from fedtrain.aggregators import global_norm
+
+    return global_norm(tree)
+
+
+def _checked_loop(where: str):
+    def loop(n, body, init, what: str = "step"):
+        carry = init
+        n = int(n)
+        for j in range(n):
             try:
-                local, step_sums = algorithm.client_step(model, local, batch)
+                carry = body(j, carry)
+            except ClientStepError:
+                raise
             except Exception as e:  # re-raised with the client named
-                raise ClientStepError(f"{where}: {type(e).__name__}: {e}") from e
-            loss_sum = float(step_sums["loss"][0])
-            if not np.isfinite(loss_sum):
-                raise ClientStepError(f"{where}: the loss is {loss_sum}; check this client's data and the learning rate.")
-            sums = step_sums if sums is None else jax.tree.map(jnp.add, sums, step_sums)
-        out = algorithm.client_final(model, broadcast, local, jnp.float32(b.weights[lane, s]))
-        c = (algorithm.aggregator.contribution(out.update, out.weight, jax.random.fold_in(contrib_key, pos),
-                                               agg_state), out.stats)
-        if gathers:  # the client's (update, weight) in its [lane, slot]; the sides are summed
-            (part, sides), stats = c
-            if gathered is None:
-                gathered = jax.tree.map(lambda v: jnp.zeros((lanes, slots) + v.shape, v.dtype), part)
-            gathered = jax.tree.map(lambda buf, v: buf.at[lane, s].set(v), gathered, part)
-            c = (((), sides), stats)
-        contrib_total = c if contrib_total is None else jax.tree.map(jnp.add, contrib_total, c)
-        update_norm[lane, s] = float(global_norm(out.update))
-        for name, (total, count) in sums.items():
-            metric_sums.setdefault(name, (np.zeros((lanes, slots), np.float32), np.zeros((lanes, slots), np.float32)))
-            metric_sums[name][0][lane, s] = float(total)
-            metric_sums[name][1][lane, s] = float(count)
-        for name, value in out.metrics.items():
-            extras.setdefault(name, np.zeros((lanes, slots) + np.shape(value), np.float32))
-            extras[name][lane, s] = np.asarray(value)
-        if new_states is not None:
-            new_states = jax.tree.map(lambda buf, v: buf.at[lane, s].set(v), new_states, out.client_state)
-    if contrib_total is None:
-        raise ValueError(f"round {plan.round_index + 1}: no client in the cohort has any examples.")
-    per_slot = {
-        "metric_sums": {k: (jnp.asarray(t), jnp.asarray(c)) for k, (t, c) in metric_sums.items()},
-        "update_norm": jnp.asarray(update_norm),
-        "extras": {k: jnp.asarray(v) for k, v in extras.items()},
-        "client_states": new_states,
-    }
-    if gathers:
-        per_slot["gathered"] = gathered
-    return finish_round(algorithm, server_state, contrib_total, per_slot, server_key)
+                raise ClientStepError(f"{where}, {what} {j + 1}/{n}: {type(e).__name__}: {e}") from e
+            if what == "local step":
+                loss_sum = float(carry[1]["loss"][0])
+                if not np.isfinite(loss_sum):
+                    raise ClientStepError(f"{where}, {what} {j + 1}/{n}: the loss is {loss_sum}; check this "
+                                          "client's data and the learning rate.")
+        return carry
+
+    return loop

@@ -1,14 +1,16 @@
-"""Host side of a round: how a cohort's examples become fixed-shape device arrays.
+"""Host side of a round: how a cohort's examples become fixed-shape arrays.
 
-Clients are *packed*: each lane holds the batches of one or more clients back
-to back, with per-step flags marking where a client starts and ends. A lane is
-a fixed-capacity buffer and the compiled round loops only over the steps that
-are used, so shapes never change between rounds (no recompilation) and no
-compute is spent on padding beyond each client's last partial batch.
+A round has ``lanes`` lanes of ``slots`` client slots. Lanes run side by side
+(``vmap``, or one per device); inside a lane, clients run one after another,
+each with its own loop over its local steps. Slot ``g`` of every lane holds one
+*lockstep group*: the cohort sorted by steps, ``lanes`` clients at a time, so
+lanes that run in lockstep wait little for each other; within a group, the
+largest client goes to the least-loaded lane. Each lane's batches are packed
+back to back in a fixed-capacity buffer, so shapes never change between rounds
+and no compute is spent on padding beyond each client's last partial batch.
 
-- ``scan`` backend: one lane holding the whole cohort.
-- ``vmap`` backend: several lanes run in parallel; clients are assigned to
-  lanes longest-first to the least-loaded lane, so lanes finish together.
+An algorithm's prepass reads a second stream: every client's examples once, in
+order, in ``ceil(n / batch_size)`` batches.
 """
 
 from __future__ import annotations
@@ -63,52 +65,84 @@ class BatchSpec(NamedTuple):
 
 
 def partial_batch_buckets(batch_size: int) -> tuple[int, ...]:
-    """Batch shapes a single-lane round may run a step with: ``ceil(B / 2**k)``, k = 0..3.
+    """Batch shapes a single-lane round may run a step with: ``B`` and ``ceil(B / 2)``.
 
-    A client's last, partial batch runs with the smallest shape that holds its
-    real examples (a ``switch`` on device), so padding costs at most about half
-    of that batch instead of up to ``B - 1`` examples.
+    A client's last, partial batch runs with the smaller shape when its real
+    examples fit (a ``switch`` on device), so padding costs at most about half of
+    that batch. More shapes would cut a little more padding but each one compiles
+    the step again.
     """
-    return tuple(sorted({-(-int(batch_size) // 2**k) for k in range(4)}))
+    return tuple(sorted({int(batch_size), -(-int(batch_size) // 2)}))
+
+
+def prepass_steps(num_examples: np.ndarray | int, batch_size: int) -> np.ndarray:
+    """Batches of a prepass over every example once."""
+    return -(-np.asarray(num_examples, np.int64) // int(batch_size))
 
 
 class Layout(NamedTuple):
-    """Fixed shapes of a round: ``lanes`` x ``capacity`` steps, ``slots`` clients per lane.
-
-    ``bucketed``: lanes run one at a time on their device, so partial batches use
-    :func:`partial_batch_buckets` (default: only when there is a single lane).
-    """
+    """Fixed shapes of a round: ``lanes`` lanes of ``slots`` clients, ``capacity`` training steps and
+    ``prepass_capacity`` prepass batches per lane. ``bucketed``: lanes run one at a time on their
+    device, so partial batches use :func:`partial_batch_buckets`."""
 
     lanes: int
     slots: int
     capacity: int
-    bucketed: bool | None = None
+    prepass_capacity: int = 0
+    bucketed: bool = False
+
+
+def lockstep_efficiency(steps: Sequence[int], lanes: int) -> float:
+    """Real steps / steps executed when ``steps`` (one cohort) runs in lanes that wait for each other
+    slot by slot (see :func:`place`)."""
+    steps = np.sort(np.asarray(steps, np.int64))[::-1]
+    if steps.sum() == 0:
+        return 1.0
+    groups = [steps[i:i + lanes] for i in range(0, len(steps), lanes)]
+    return float(steps.sum() / sum(lanes * int(g.max()) for g in groups))
+
+
+def choose_lanes(step_counts: np.ndarray, clients_per_round: int, max_lanes: int, target: float = 0.85,
+                 samples: int = 16, seed: int = 0) -> int:
+    """The most lanes (at most ``max_lanes``) whose expected :func:`lockstep_efficiency` over sampled
+    cohorts of this population is at least ``target``: parallel lanes, little time waiting."""
+    steps = np.asarray(step_counts, np.int64)
+    k = min(int(clients_per_round), len(steps))
+    rng = np.random.default_rng(seed)
+    cohorts = [steps[rng.choice(len(steps), k, replace=False)] for _ in range(samples)]
+    for lanes in sorted({min(math.ceil(k / slots), int(max_lanes)) for slots in range(1, k + 1)}, reverse=True):
+        if np.mean([lockstep_efficiency(c, lanes) for c in cohorts]) >= target:
+            return lanes
+    return 1
 
 
 def make_layout(step_counts: np.ndarray, clients_per_round: int, lanes: int, *, exact_lanes: bool = False,
-                bucketed: bool | None = None, worst_case: bool = False) -> Layout:
+                bucketed: bool = False, worst_case: bool = False, prepass_counts: np.ndarray | None = None) -> Layout:
     """Fixed shapes for every cohort of ``clients_per_round`` clients of this population.
 
-    The lane capacity is the smaller of the worst case (the ``slots`` largest clients in one
-    lane) and :func:`likely_lane_load`, so memory follows the cohort, not the population's
-    largest clients; ``worst_case=True`` takes the former (after a cohort did not fit).
-    ``lanes`` is capped at the cohort size unless ``exact_lanes`` (sharded rounds need one
-    lane per device even when some stay empty).
+    A lane's capacity is the smaller of the worst case (the ``slots`` largest clients in one lane)
+    and :func:`likely_lane_load`, so memory follows the cohort, not the population's largest
+    clients; ``worst_case=True`` takes the former (for a cohort that does not fit). ``lanes`` is
+    capped at the cohort size unless ``exact_lanes`` (sharded rounds need one lane per device even
+    when some stay empty). ``prepass_counts``: each client's prepass batches (``None``: no prepass).
     """
     lanes = max(1, int(lanes) if exact_lanes else min(int(lanes), clients_per_round))
     slots = math.ceil(clients_per_round / lanes)
-    steps = np.asarray(step_counts, np.int64)
-    capacity = int(np.sort(steps)[::-1][:slots].sum())
-    if not worst_case:
-        capacity = min(capacity, likely_lane_load(steps, clients_per_round, lanes))
-    return Layout(lanes, slots, max(1, capacity), bucketed)
+
+    def capacity(counts):
+        counts = np.asarray(counts, np.int64)
+        worst = int(np.sort(counts)[::-1][:slots].sum())
+        return max(1, worst if worst_case else min(worst, likely_lane_load(counts, clients_per_round, lanes)))
+
+    pre = 0 if prepass_counts is None else capacity(prepass_counts)
+    return Layout(lanes, slots, capacity(step_counts), pre, bool(bucketed))
 
 
 def likely_lane_load(step_counts: np.ndarray, clients_per_round: int, lanes: int) -> int:
     """Steps of the busiest lane that a uniformly sampled cohort exceeds with negligible probability:
     the cohort total's mean plus 4 standard deviations (sampling without replacement), spread over
     the lanes, plus the largest client (heavy tails: one big client dominates a cohort's sum; and
-    the longest-first imbalance between lanes)."""
+    the imbalance between lanes)."""
     steps = np.asarray(step_counts, np.float64)
     n, k = len(steps), min(int(clients_per_round), len(step_counts))
     shrink = (n - k) / max(n - 1, 1)
@@ -116,10 +150,26 @@ def likely_lane_load(step_counts: np.ndarray, clients_per_round: int, lanes: int
     return int(math.ceil(total / lanes) + steps.max())
 
 
-def lane_loads(cohort_steps: Sequence[int], layout: Layout) -> np.ndarray:
-    """Steps each lane gets when this cohort is placed longest-first."""
-    loads = np.zeros(layout.lanes, np.int64)
-    for (lane, _), k in zip(assign_lanes(list(cohort_steps), layout), cohort_steps):
+def place(steps: Sequence[int], lanes: int) -> list[tuple[int, int]]:
+    """``(lane, slot)`` of each client: sorted by steps (largest first), ``lanes`` clients per slot;
+    within a slot, the next largest client goes to the lane with the fewest steps so far."""
+    placement: list[tuple[int, int]] = [(-1, -1)] * len(steps)
+    load = np.zeros(lanes, np.int64)
+    order = sorted(range(len(steps)), key=lambda i: (-int(steps[i]), i))
+    for slot, start in enumerate(range(0, len(order), lanes)):
+        free = list(range(lanes))
+        for pos in order[start:start + lanes]:
+            lane = min(free, key=lambda l: (load[l], l))
+            free.remove(lane)
+            placement[pos] = (lane, slot)
+            load[lane] += int(steps[pos])
+    return placement
+
+
+def lane_loads(cohort_steps: Sequence[int], lanes: int) -> np.ndarray:
+    """Steps each lane gets when this cohort is placed by :func:`place`."""
+    loads = np.zeros(lanes, np.int64)
+    for (lane, _), k in zip(place(list(cohort_steps), lanes), cohort_steps):
         loads[lane] += int(k)
     return loads
 
@@ -144,47 +194,42 @@ def _device_dtype(dtype: np.dtype) -> np.dtype:
     return dtype
 
 
-class RoundBatch(NamedTuple):
-    """A cohort's training data in fixed shapes (numpy; the engine moves it to the device)."""
+class RoundArrays(NamedTuple):
+    """A cohort's data in fixed shapes: numpy on the host, device arrays once placed."""
 
-    features: dict[str, np.ndarray]  # [L, T, B, ...]
+    features: dict[str, np.ndarray]  # [L, T, B, ...] training batches, each lane's clients back to back
     mask: np.ndarray  # [L, T, B] float32, 1 for real examples
-    slot: np.ndarray  # [L, T] int32, slot of the client this step belongs to
-    first: np.ndarray  # [L, T] bool, first step of a client
-    last: np.ndarray  # [L, T] bool, last step of a client
-    bucket: np.ndarray  # [L, T] int32, index into partial_batch_buckets(B) (single lane) or 0
-    num_steps: np.ndarray  # [L] int32, steps used in each lane
-    weights: np.ndarray  # [L, S] float32, examples of the client in each slot (0 = empty)
+    bucket: np.ndarray  # [L, T] int32, index into partial_batch_buckets(B) (bucketed) or 0
+    start: np.ndarray  # [L, S] int32, first training step of the client in each slot
+    steps: np.ndarray  # [L, S] int32, its local steps (0 = empty slot)
+    pre_features: dict[str, np.ndarray]  # [L, P, B, ...] prepass batches ({} without a prepass)
+    pre_mask: np.ndarray  # [L, P, B]
+    pre_start: np.ndarray  # [L, S]
+    pre_steps: np.ndarray  # [L, S]
+    num_examples: np.ndarray  # [L, S] float32, examples of the client in each slot (0 = empty)
     positions: np.ndarray  # [L, S] int32, cohort position of the client in each slot (-1 = empty)
 
 
-class RoundPlan(NamedTuple):
-    """A built round: device arrays' source plus host-side bookkeeping."""
+class RoundInput(NamedTuple):
+    """A prepared round: its arrays and the host-side bookkeeping."""
 
     round_index: int
     client_ids: list[str]
-    batch: RoundBatch
     placement: list[tuple[int, int]]  # cohort position -> (lane, slot)
+    layout: Layout
+    arrays: RoundArrays
     real_examples: int
     computed_examples: int
+    real_steps: int
+    executed_steps: int  # lane-steps the compiled loops run (lanes wait for each other slot by slot)
 
     @property
     def padding_efficiency(self) -> float:
         return self.real_examples / max(self.computed_examples, 1)
 
-
-def assign_lanes(steps: Sequence[int], layout: Layout) -> list[tuple[int, int]]:
-    """Longest-first assignment of clients to the least-loaded lane with a free slot."""
-    placement: list[tuple[int, int]] = [(-1, -1)] * len(steps)
-    load = np.zeros(layout.lanes, np.int64)
-    used = np.zeros(layout.lanes, np.int64)
-    for pos in sorted(range(len(steps)), key=lambda i: (-steps[i], i)):
-        free = np.flatnonzero(used < layout.slots)
-        lane = int(free[np.argmin(load[free])])
-        placement[pos] = (lane, int(used[lane]))
-        used[lane] += 1
-        load[lane] += steps[pos]
-    return placement
+    @property
+    def useful_lane_steps(self) -> float:
+        return self.real_steps / max(self.executed_steps, 1)
 
 
 def example_order(num_examples: int, spec: BatchSpec, steps: int, rng: np.random.Generator) -> np.ndarray:
@@ -203,6 +248,16 @@ def client_rng(seed: int, round_index: int, population_index: int) -> np.random.
     return np.random.default_rng([int(seed), int(round_index), int(population_index), 0xC1])
 
 
+def _pack(buf: dict[str, np.ndarray], mask: np.ndarray, lane: int, start: int, examples, order: np.ndarray,
+          specs: dict[str, FeatureSpec], batch_size: int) -> None:
+    k = order.size // batch_size
+    if examples is not None:
+        take = np.maximum(order, 0)
+        for name, b in buf.items():
+            b[lane, start:start + k] = examples[name][take].reshape((k, batch_size) + specs[name].shape)
+    mask[lane, start:start + k] = (order >= 0).reshape(k, batch_size)
+
+
 def build_round(
     data: FederatedData,
     client_ids: Sequence[str],
@@ -214,65 +269,67 @@ def build_round(
     seed: int,
     round_index: int,
     local_lanes: Sequence[int] | None = None,
-) -> RoundPlan:
-    """Reads, shuffles, batches and packs one cohort into a :class:`RoundBatch`.
+) -> RoundInput:
+    """Reads, shuffles, batches and packs one cohort into :class:`RoundArrays` (numpy).
 
     With ``local_lanes`` (multi-host), only the clients placed in those lanes are read;
     every lane's step metadata is still filled, so all processes agree on the plan.
     """
     sizes = np.asarray(sizes, np.int64)
     steps = spec.steps(sizes)
-    L, S, T, B = layout.lanes, layout.slots, layout.capacity, spec.batch_size
-    placement = assign_lanes(list(steps), layout)
+    L, S, T, B, P = layout.lanes, layout.slots, layout.capacity, spec.batch_size, layout.prepass_capacity
+    pre_counts = prepass_steps(sizes, B) if P else np.zeros_like(sizes)
+    placement = place(list(steps), L)
     # np.zeros maps fresh zero pages: the unused tail of the capacity costs no memory.
     features = {k: np.zeros((L, T, B) + s.shape, s.dtype) for k, s in specs.items()}
     mask = np.zeros((L, T, B), np.float32)
-    slot = np.zeros((L, T), np.int32)
-    first = np.zeros((L, T), bool)
-    last = np.zeros((L, T), bool)
+    pre_features = {k: np.zeros((L, P, B) + s.shape, s.dtype) for k, s in specs.items()} if P else {}
+    pre_mask = np.zeros((L, P, B), np.float32)
     bucket = np.zeros((L, T), np.int32)
-    bucketed = layout.bucketed if layout.bucketed is not None else L == 1
-    buckets = np.asarray(partial_batch_buckets(B) if bucketed else (B,))
-    reads = None if local_lanes is None else set(int(lane) for lane in local_lanes)
-    num_steps = np.zeros((L,), np.int32)
+    buckets = np.asarray(partial_batch_buckets(B) if layout.bucketed else (B,))
+    start, count = np.zeros((L, S), np.int32), np.zeros((L, S), np.int32)
+    pre_start, pre_count = np.zeros((L, S), np.int32), np.zeros((L, S), np.int32)
     weights = np.zeros((L, S), np.float32)
     positions = np.full((L, S), -1, np.int32)
-    cursor = np.zeros(L, np.int64)
-    # Fill lanes in slot order so each lane's clients are contiguous in slot order.
+    reads = None if local_lanes is None else set(int(lane) for lane in local_lanes)
+    cursor, pre_cursor = np.zeros(L, np.int64), np.zeros(L, np.int64)
     for pos in sorted(range(len(client_ids)), key=lambda p: placement[p]):
         lane, s = placement[pos]
-        k = int(steps[pos])
-        positions[lane, s] = pos
-        weights[lane, s] = float(sizes[pos])
+        k, kp = int(steps[pos]), int(pre_counts[pos])
+        positions[lane, s], weights[lane, s] = pos, float(sizes[pos])
+        start[lane, s], count[lane, s] = cursor[lane], k
+        pre_start[lane, s], pre_count[lane, s] = pre_cursor[lane], kp
         if k == 0:
             continue
         cid = client_ids[pos]
-        order = example_order(int(sizes[pos]), spec, k, client_rng(seed, round_index, population_indices[pos]))
-        start = int(cursor[lane])
-        stop = start + k
-        if stop > T:
+        if cursor[lane] + k > T or pre_cursor[lane] + kp > P:
             raise RuntimeError(f"lane capacity {T} exceeded at client {cid!r}; sizes changed since fit() started?")
+        examples = None
         if reads is None or lane in reads:
             examples = data.get_client(cid)
             _check_client(cid, examples, specs, int(sizes[pos]))
-            take = np.maximum(order, 0)
-            for name, buf in features.items():
-                buf[lane, start:stop] = examples[name][take].reshape((k, B) + specs[name].shape)
-        mask[lane, start:stop] = (order >= 0).reshape(k, B)
+        order = example_order(int(sizes[pos]), spec, k, client_rng(seed, round_index, population_indices[pos]))
+        c = int(cursor[lane])
+        _pack(features, mask, lane, c, examples, order, specs, B)
         # Padding is only ever at the end of a batch, so a step's real examples are a prefix.
-        bucket[lane, start:stop] = np.searchsorted(buckets, mask[lane, start:stop].sum(axis=1))
-        slot[lane, start:stop] = s
-        first[lane, start] = True
-        last[lane, stop - 1] = True
-        cursor[lane] = stop
-    num_steps[:] = cursor
+        bucket[lane, c:c + k] = np.searchsorted(buckets, mask[lane, c:c + k].sum(axis=1))
+        if kp:
+            in_order = np.arange(kp * B)
+            _pack(pre_features, pre_mask, lane, int(pre_cursor[lane]), examples,
+                  np.where(in_order < sizes[pos], in_order, -1), specs, B)
+        cursor[lane] += k
+        pre_cursor[lane] += kp
     real = int(spec.examples_seen(sizes).sum())
-    if bucketed:  # lanes run one after another on their device; devices wait for the busiest
+    if layout.bucketed:  # lanes run one after another on their device; devices wait for the busiest
         computed = L * max(int(buckets[bucket[lane, : cursor[lane]]].sum()) for lane in range(L))
-    else:
-        computed = int(cursor.max() * L * B)  # lanes run in lockstep until the longest is done
-    batch = RoundBatch(features, mask, slot, first, last, bucket, num_steps, weights, positions)
-    return RoundPlan(int(round_index), list(client_ids), batch, placement, real, computed)
+        executed = L * int((cursor + pre_cursor).max())
+    else:  # lanes run in lockstep, slot by slot, until the slot's longest client is done
+        executed = L * int(count.max(axis=0).sum() + pre_count.max(axis=0).sum())
+        computed = executed * B
+    arrays = RoundArrays(features, mask, bucket, start, count, pre_features, pre_mask, pre_start, pre_count,
+                         weights, positions)
+    return RoundInput(int(round_index), list(client_ids), placement, layout, arrays, real, computed,
+                      int(steps.sum() + pre_counts.sum()), executed)
 
 
 def _check_client(cid: str, examples: Examples, specs: dict[str, FeatureSpec], size: int) -> None:

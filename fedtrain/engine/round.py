@@ -1,201 +1,216 @@
-"""The compiled round: local training of a whole cohort, aggregation and server update
-in one XLA program.
+"""The compiled round: a cohort's local training, aggregation and server update in one XLA program.
 
-Each lane walks its packed steps with a ``fori_loop`` whose trip count is the
-number of steps actually used (a ``while`` loop on device), so the fixed-size
-buffer never costs compute. At a client's first step the algorithm's
-``client_init`` runs; at its last step ``client_final`` runs and its update is
-added to the aggregator's running sum. Lanes run one after another (``scan``
-backend, one lane) or side by side under ``vmap``; lane sums are added at the
-end, so every backend computes the same sums. An aggregator that gathers (a
-robust mean) instead gets each client's update written to its slot of a
-``[lanes, slots, ...]`` buffer; only the aggregator's sides are summed.
+Inside a lane, clients run one after another (a ``scan`` over the lane's slots); each client
+runs, once, its prepass (a loop over its prepass batches), ``client_init``, a loop over exactly
+its local steps, and ``client_final``. Lanes run side by side under ``vmap`` (and over devices
+with ``shard_map``); then the per-step body under ``vmap`` is only the step. Contributions are
+summed within a lane, over lanes and over devices, so every backend computes the same sums. An
+aggregator that gathers (a robust mean) instead gets every slot's ``(update, weight)``.
+
+The same per-client function runs eagerly, one step at a time, for the ``debug`` backend.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from fedtrain.aggregators import global_norm
-from fedtrain.algorithms.base import Algorithm, aggregator_state, with_aggregator_state
-from fedtrain.engine.plan import partial_batch_buckets
-from fedtrain.models.adapter import MASK_KEY, Model
+from fedtrain.algorithms.base import SIGNATURES, Algorithm, Context
+from fedtrain.engine.plan import RoundArrays, partial_batch_buckets
+from fedtrain.models.adapter import MASK_KEY
 
 PyTree = Any
+CLIENT_AXIS = "clients"
 
 
-class RoundOutput(NamedTuple):
+class SlotOutputs(NamedTuple):
+    """Per-slot results of a round (leading axes ``[lanes, slots]``)."""
+
+    metric_sums: dict[str, tuple[jax.Array, jax.Array]]  # the client's summed step metrics
+    update_norm: jax.Array
+    metrics: dict[str, jax.Array]  # ClientOut.metrics
+    client_state: PyTree  # the client's new state (None for stateless algorithms)
+    gathered: PyTree  # (update, weight) for gathering aggregators, else ()
+
+
+class RoundOutputs(NamedTuple):
     server_state: PyTree
-    metric_sums: dict[str, tuple[jax.Array, jax.Array]]  # summed over the cohort
-    client_metrics: dict[str, jax.Array]  # [L, S] per slot
-    client_states: PyTree  # [L, S, ...] or None
-    extras: dict[str, jax.Array]  # scalars: update_norm, aggregator and server metrics
+    aggregator_state: PyTree
+    slots: SlotOutputs
+    metrics: dict[str, jax.Array]  # scalars: update_norm, aggregator and server metrics
 
 
-def _tree_zeros(shapes: PyTree) -> PyTree:
-    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+def round_keys(round_key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Keys for client training, per-client aggregation, and the server, from a round's key."""
+    train_key, contrib_key, server_key = jax.random.split(round_key, 3)
+    return train_key, contrib_key, server_key
 
 
-def _tree_add(a: PyTree, b: PyTree) -> PyTree:
-    return jax.tree.map(jnp.add, a, b)
+def client_keys(train_key: jax.Array, position) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Keys of one client (by cohort position): ``client_init``, local steps, ``client_final``."""
+    keys = jax.random.split(jax.random.fold_in(train_key, position), 3)
+    return keys[0], keys[1], keys[2]
+
+
+def _renamed(e: Exception, message: str) -> Exception:
+    try:
+        new = type(e)(message)
+    except Exception:
+        new = RuntimeError(message)
+    new._fedtrain_named = True  # type: ignore[attr-defined]
+    return new
+
+
+class Calls:
+    """Calls the algorithm's functions; an exception names the function and its contract."""
+
+    def __init__(self, algorithm: Algorithm):
+        self.algorithm = algorithm
+
+    def __call__(self, field: str, fn: Callable, *args):
+        try:
+            return fn(*args)
+        except Exception as e:
+            if getattr(e, "_fedtrain_named", False):
+                raise
+            raise _renamed(e, f"algorithm {self.algorithm.name!r}, {field}: {type(e).__name__}: {e} "
+                              f"(contract: {SIGNATURES[field]})") from e
+
+
+def batch_at(features: dict, mask: jax.Array, i, size: int | None = None) -> dict:
+    batch = {k: v[i] for k, v in features.items()}
+    batch[MASK_KEY] = mask[i]
+    if size is not None:
+        batch = {k: v[:size] for k, v in batch.items()}
+    return batch
+
+
+def fori(n, body, init, what: str = ""):
+    del what
+    return jax.lax.fori_loop(0, n, body, init)
+
+
+class ClientRound:
+    """One client's part of a round: prepass, ``client_init``, local steps, ``client_final``.
+
+    ``loop(n, body, init)`` runs the loops (``fori_loop`` when compiled, a Python loop for ``debug``).
+    """
+
+    def __init__(self, algorithm: Algorithm, bucketed: bool, batch_size: int, loop=fori):
+        self.alg, self.call, self.loop = algorithm, Calls(algorithm), loop
+        self.sizes = partial_batch_buckets(batch_size) if bucketed else ()
+
+    def prepass(self, a: RoundArrays, start, count, ctx: Context):
+        """The prepass sums over one client's prepass batches (zeros for an empty slot)."""
+        step = self.alg.prepass.step
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(
+            lambda: self.call("prepass.step", step, ctx.broadcast, batch_at(a.pre_features, a.pre_mask, 0), ctx)))
+
+        def body(j, acc):
+            batch = batch_at(a.pre_features, a.pre_mask, start + j)
+            sums = self.call("prepass.step", step, ctx.broadcast, batch, ctx._replace(step=j))
+            return jax.tree.map(jnp.add, acc, sums)
+
+        return self.loop(count, body, zeros, "prepass batch")
+
+    def step(self, local, a: RoundArrays, i, ctx: Context):
+        fn = self.alg.client_step
+        if len(self.sizes) < 2:
+            return self.call("client_step", fn, local, batch_at(a.features, a.mask, i), ctx)
+        branches = [lambda l, n=n: self.call("client_step", fn, l, batch_at(a.features, a.mask, i, n), ctx)
+                    for n in self.sizes]
+        return jax.lax.switch(a.bucket[i], branches, local)
+
+    def train(self, a: RoundArrays, slot: tuple, client_state, ctx: Context, train_key):
+        """``(ClientOut, metric_sums)`` of the client in ``slot = (start, steps, pre_start, pre_steps,
+        num_examples, position)``."""
+        start, steps, pre_start, pre_steps, n, pos = slot
+        init_key, step_key, final_key = client_keys(train_key, pos)
+        ctx = ctx._replace(position=pos, num_examples=n, num_steps=steps)
+        pre = None
+        if self.alg.prepass is not None and self.alg.prepass.cohort is None:
+            pre = self.prepass(a, pre_start, pre_steps, ctx._replace(rng=init_key))
+        local = self.call("client_init", self.alg.client_init, ctx.broadcast, client_state, pre,
+                          ctx._replace(rng=init_key))
+        sums_shape = jax.eval_shape(lambda l: self.step(l, a, 0, ctx._replace(rng=step_key))[1], local)
+
+        def body(j, carry):
+            local, sums = carry
+            local, step_sums = self.step(local, a, start + j, ctx._replace(rng=jax.random.fold_in(step_key, j), step=j))
+            return local, jax.tree.map(jnp.add, sums, step_sums)
+
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape)
+        local, sums = self.loop(steps, body, (local, zeros), "local step")
+        out = self.call("client_final", self.alg.client_final, ctx.broadcast, local, ctx._replace(rng=final_key))
+        return out, sums
+
+
+def _masked(real, tree):
+    return jax.tree.map(lambda x: jnp.where(real, x, jnp.zeros_like(x)), tree)
+
+
+def make_lane_fn(algorithm: Algorithm, bucketed: bool, batch_size: int):
+    """``lane(arrays, client_states, ctx, train_key, contrib_key, agg_state) -> (summed, SlotOutputs)``
+    for one lane: a scan over its slots. ``summed = ((part, sides), stats)``."""
+    client = ClientRound(algorithm, bucketed, batch_size)
+    agg = algorithm.aggregator
+
+    def lane(a: RoundArrays, client_states, ctx: Context, train_key, contrib_key, agg_state):
+        def one(total, x):
+            slot, cstate = x
+            out, sums = client.train(a, slot, cstate, ctx, train_key)
+            pos, real = slot[5], slot[1] > 0
+            part, sides = agg.contribution(out.update, out.weight, jax.random.fold_in(contrib_key, pos), agg_state)
+            new_state = (None if cstate is None else
+                         jax.tree.map(lambda n, o: jnp.where(real, n.astype(o.dtype), o), out.client_state, cstate))
+            gathered = _masked(real, part) if agg.gathers else ()
+            summed = ((() if agg.gathers else _masked(real, part), _masked(real, sides)), _masked(real, out.stats))
+            total = summed if total is None else jax.tree.map(jnp.add, total, summed)
+            return total, SlotOutputs(sums, global_norm(out.update), out.metrics, new_state, gathered)
+
+        slots = (a.start, a.steps, a.pre_start, a.pre_steps, a.num_examples, a.positions)
+        first = jax.tree.map(lambda x: x[0], (slots, client_states))
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(lambda x: one(None, x)[0], first))
+        return jax.lax.scan(one, zeros, (slots, client_states))
+
+    return lane
+
+
+def make_cohort_prepass_fn(algorithm: Algorithm, batch_size: int):
+    """``lane(arrays, ctx, train_key) -> the prepass sums of the lane's clients``."""
+    client = ClientRound(algorithm, False, batch_size)
+
+    def lane(a: RoundArrays, ctx: Context, train_key):
+        def one(total, slot):
+            start, _, pre_start, pre_steps, n, pos = slot
+            sums = client.prepass(a, pre_start, pre_steps,
+                                  ctx._replace(position=pos, num_examples=n, rng=client_keys(train_key, pos)[0]))
+            return (sums if total is None else jax.tree.map(jnp.add, total, sums)), None
+
+        slots = (a.start, a.steps, a.pre_start, a.pre_steps, a.num_examples, a.positions)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                             jax.eval_shape(lambda x: one(None, x)[0], jax.tree.map(lambda x: x[0], slots)))
+        return jax.lax.scan(one, zeros, slots)[0]
+
+    return lane
 
 
 def _index(tree: PyTree, i) -> PyTree:
     return jax.tree.map(lambda x: x[i], tree)
 
 
-def _set(tree: PyTree, i, value: PyTree) -> PyTree:
-    return jax.tree.map(lambda buf, v: buf.at[i].set(v.astype(buf.dtype)), tree, value)
-
-
-def client_keys(round_key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Keys for client training, per-client aggregation, and the server, from a round's key."""
-    train_key, contrib_key, server_key = jax.random.split(round_key, 3)
-    return train_key, contrib_key, server_key
-
-
-def _batch_at(features, mask, i, size=None):
-    batch = {k: v[i] for k, v in features.items()}
-    batch[MASK_KEY] = mask[i]
-    return batch if size is None else {k: v[:size] for k, v in batch.items()}
-
-
-def client_prepass(model: Model, algorithm: Algorithm, broadcast, features, mask, start, stop):
-    """Folds ``algorithm.prepass.step`` over steps ``start .. stop-1`` (one client's batches)."""
-    pre = algorithm.prepass
-    return jax.lax.fori_loop(start, stop, lambda j, acc: pre.step(model, broadcast, acc, _batch_at(features, mask, j)),
-                             pre.init(model, broadcast))
-
-
-def make_cohort_prepass_fn(model: Model, algorithm: Algorithm):
-    """``lane(broadcast, features, mask, first, last, num_steps) -> sum over the lane's clients``."""
-    pre = algorithm.prepass
-
-    def lane(broadcast, features, mask, first, last, num_steps):
-        acc0 = pre.init(model, broadcast)
-
-        def body(i, carry):
-            acc, total = carry
-            acc = jax.tree.map(lambda a, z: jnp.where(first[i], z, a), acc, acc0)
-            acc = pre.step(model, broadcast, acc, _batch_at(features, mask, i))
-            total = jax.tree.map(lambda t, a: t + jnp.where(last[i], a, jnp.zeros_like(a)), total, acc)
-            return acc, total
-
-        return jax.lax.fori_loop(0, num_steps, body, (acc0, jax.tree.map(jnp.zeros_like, acc0)))[1]
-
-    return lane
-
-
-def _client_ends(last: jax.Array) -> jax.Array:
-    """For every step, one past the index of the last step of the client it belongs to."""
-    idx = jnp.arange(last.shape[0])
-    return jax.lax.cummin(jnp.where(last, idx, last.shape[0] - 1), reverse=True) + 1
-
-
-def make_lane_fn(model: Model, algorithm: Algorithm, bucketed: bool):
-    """``lane(broadcast, batch_lane, client_states_lane, keys, agg_state) -> (contribution_sum, per_slot)``.
-
-    With ``bucketed`` (single lane), each step runs on the first ``partial_batch_buckets(B)[bucket]``
-    examples of its batch, chosen by a device-side switch; the rest are padding.
-    """
-    per_client_prepass = algorithm.prepass is not None and algorithm.prepass.cohort is None
-    gathers = algorithm.aggregator.gathers
-
-    def lane(broadcast, features, mask, slot, first, last, bucket, num_steps, weights, positions, cstates,
-             train_key, contrib_key, agg_state):
-        def state_at(s):
-            return None if cstates is None else _index(cstates, s)
-
-        ends = _client_ends(last) if per_client_prepass else None
-
-        def init_at(s, i=None):
-            args = (model, broadcast, state_at(s), jax.random.fold_in(train_key, positions[s]))
-            if per_client_prepass:
-                acc = (algorithm.prepass.init(model, broadcast) if i is None
-                       else client_prepass(model, algorithm, broadcast, features, mask, i, ends[i]))
-                args = args + (acc,)
-            return algorithm.client_init(*args)
-
-        def batch_at(i, size=None):
-            return _batch_at(features, mask, i, size)
-
-        sizes = partial_batch_buckets(mask.shape[-1]) if bucketed else ()
-
-        def step(local, i):
-            if len(sizes) < 2:
-                return algorithm.client_step(model, local, batch_at(i))
-            branches = [lambda l, n=n: algorithm.client_step(model, l, batch_at(i, n)) for n in sizes]
-            return jax.lax.switch(bucket[i], branches, local)
-
-        local0 = init_at(0)
-        step_sums_shape = jax.eval_shape(lambda l: algorithm.client_step(model, l, batch_at(0))[1], local0)
-        out_shape = jax.eval_shape(lambda l: algorithm.client_final(model, broadcast, l, weights[0]), local0)
-        contrib_shape = jax.eval_shape(
-            lambda o: (algorithm.aggregator.contribution(o.update, o.weight, contrib_key, agg_state), o.stats),
-            out_shape)
-        num_slots = weights.shape[0]
-        per_slot0 = {
-            "metric_sums": jax.tree.map(lambda s: jnp.zeros((num_slots,), s.dtype), step_sums_shape),
-            "update_norm": jnp.zeros((num_slots,), jnp.float32),
-            "extras": jax.tree.map(lambda s: jnp.zeros((num_slots,) + s.shape, s.dtype), out_shape.metrics),
-            "client_states": cstates,
-        }
-        if gathers:  # each client's (update, weight) goes to its slot; only the sides are summed
-            (part_shape, sides_shape), stats_shape = contrib_shape
-            per_slot0["gathered"] = jax.tree.map(lambda s: jnp.zeros((num_slots,) + s.shape, s.dtype), part_shape)
-            contrib_shape = (((), sides_shape), stats_shape)
-        carry0 = (local0, _tree_zeros(step_sums_shape), _tree_zeros(contrib_shape), per_slot0)
-
-        def body(i, carry):
-            local, sums, contrib, per_slot = carry
-            s = slot[i]
-            local = jax.lax.cond(first[i], lambda: init_at(s, i), lambda: local)
-            sums = jax.tree.map(lambda m: jnp.where(first[i], jnp.zeros_like(m), m), sums)
-            local, step_sums = step(local, i)
-            sums = _tree_add(sums, step_sums)
-
-            def finish(args):
-                contrib, per_slot = args
-                out = algorithm.client_final(model, broadcast, local, weights[s])
-                c = (algorithm.aggregator.contribution(out.update, out.weight,
-                                                       jax.random.fold_in(contrib_key, positions[s]), agg_state),
-                     out.stats)
-                per_slot = dict(per_slot)
-                per_slot["metric_sums"] = _set(per_slot["metric_sums"], s, sums)
-                per_slot["update_norm"] = per_slot["update_norm"].at[s].set(global_norm(out.update))
-                per_slot["extras"] = _set(per_slot["extras"], s, out.metrics)
-                if cstates is not None:
-                    per_slot["client_states"] = _set(per_slot["client_states"], s, out.client_state)
-                if gathers:
-                    (part, sides), stats = c
-                    per_slot["gathered"] = _set(per_slot["gathered"], s, part)
-                    c = (((), sides), stats)
-                return _tree_add(contrib, c), per_slot
-
-            contrib, per_slot = jax.lax.cond(last[i], finish, lambda args: args, (contrib, per_slot))
-            return local, sums, contrib, per_slot
-
-        _, _, contrib, per_slot = jax.lax.fori_loop(0, num_steps, body, carry0)
-        return contrib, per_slot
-
-    return lane
-
-
-CLIENT_AXIS = "clients"
-
-
-def map_lanes(lanes: int, mesh=None, group: int | None = None):
+def map_lanes(mesh=None, group: int | None = None):
     """``run(f, lane_args, shared) -> (sum over lanes, per-lane outputs stacked)``.
 
-    ``f(*one_lane_args, *shared) -> (summed, stacked)``. One lane runs as is,
-    several are vmapped; more than ``group`` lanes run as a ``scan`` over groups
-    of ``group`` vmapped lanes, so activation memory is bounded by the group,
-    not the cohort. With a ``mesh`` the lane axis is split over its devices
-    (``shard_map``), each device runs its lanes and the sums are all-reduced
-    across devices (and hosts) inside the same program.
+    ``f(*one_lane_args, *shared) -> (summed, stacked)``. One lane runs as is, several are vmapped;
+    more than ``group`` lanes run as a ``scan`` over groups of ``group`` vmapped lanes, so
+    activation memory is bounded by the group, not the cohort. With a ``mesh`` the lane axis is
+    split over its devices (``shard_map``), each device runs its lanes and the sums are
+    all-reduced across devices (and hosts) inside the same program.
     """
 
     def vmapped(f, lane_args, shared):
@@ -213,12 +228,12 @@ def map_lanes(lanes: int, mesh=None, group: int | None = None):
         if n % group:
             raise ValueError(f"{n} lanes are not a multiple of the lane group {group}.")
         grouped = jax.tree.map(lambda x: x.reshape((n // group, group) + x.shape[1:]), lane_args)
-        first = jax.tree.map(lambda x: x[0], grouped)
-        zeros = _tree_zeros(jax.eval_shape(lambda a: vmapped(f, a, shared)[0], first))
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                             jax.eval_shape(lambda a: vmapped(f, a, shared)[0], _index(grouped, 0)))
 
         def body(total, chunk):
             summed, stacked = vmapped(f, chunk, shared)
-            return _tree_add(total, summed), stacked
+            return jax.tree.map(jnp.add, total, summed), stacked
 
         total, stacked = jax.lax.scan(body, zeros, grouped)
         return total, jax.tree.map(lambda x: x.reshape((n,) + x.shape[2:]), stacked)
@@ -239,62 +254,44 @@ def map_lanes(lanes: int, mesh=None, group: int | None = None):
     return sharded
 
 
-def make_round_fn(model: Model, algorithm: Algorithm, lanes: int, on_trace=None, mesh=None,
-                  lane_group: int | None = None):
-    """The whole round as one function of (server_state, batch, client_states, round_key).
-
-    With a ``mesh``, ``lanes`` is a multiple of its size and each device runs ``lanes / size`` lanes;
-    lanes run in groups of at most ``lane_group`` (see :func:`map_lanes`).
-    """
-    lanes_per_device = lanes // mesh.size if mesh is not None else lanes
-    lane = make_lane_fn(model, algorithm, bucketed=lanes_per_device == 1)
-    run_lanes = map_lanes(lanes, mesh, lane_group)
+def make_round_fn(algorithm: Algorithm, ctx: Context, *, bucketed: bool, batch_size: int, mesh=None,
+                  lane_group: int | None = None, on_trace=None):
+    """``round_fn(server_state, agg_state, client_hparams, client_states, arrays, round_key, round_index)
+    -> RoundOutputs``: the whole round. ``ctx`` holds the run's static facts."""
+    calls = Calls(algorithm)
+    lane = make_lane_fn(algorithm, bucketed, batch_size)
+    run_lanes = map_lanes(mesh, lane_group)
     cohort_prepass = algorithm.prepass is not None and algorithm.prepass.cohort is not None
+    pre_lane = make_cohort_prepass_fn(algorithm, batch_size) if cohort_prepass else None
 
-    def round_fn(server_state, batch, client_states, round_key):
+    def round_fn(server_state, agg_state, client_hparams, client_states, arrays: RoundArrays, round_key, round_index):
         if on_trace is not None:
             on_trace()
-        broadcast = algorithm.broadcast(server_state)
-        agg_state = aggregator_state(algorithm, server_state)
-        train_key, contrib_key, server_key = client_keys(round_key)
+        train_key, contrib_key, server_key = round_keys(round_key)
+        c = ctx._replace(round=round_index, client_hparams=client_hparams)
+        bc = calls("broadcast", algorithm.broadcast, server_state, c)
+        c = c._replace(broadcast=bc)
         if cohort_prepass:
-            pre_lane = make_cohort_prepass_fn(model, algorithm)
-            pre_args = (batch.features, batch.mask, batch.first, batch.last, batch.num_steps)
-            total, _ = run_lanes(lambda *a: (pre_lane(a[-1], *a[:-1]), ()), pre_args, (broadcast,))
-            broadcast = algorithm.prepass.cohort(broadcast, total)
-        args = (batch.features, batch.mask, batch.slot, batch.first, batch.last, batch.bucket, batch.num_steps,
-                batch.weights, batch.positions, client_states)
-
-        def one_lane(*a):
-            *lane_args, broadcast_, train_key_, contrib_key_, agg_state_ = a
-            return lane(broadcast_, *lane_args, train_key_, contrib_key_, agg_state_)
-
-        contrib, per_slot = run_lanes(one_lane, args, (broadcast, train_key, contrib_key, agg_state))
-        return finish_round(algorithm, server_state, contrib, per_slot, server_key)
+            total, _ = run_lanes(lambda a, c_, k: (pre_lane(a, c_, k), ()), (arrays,), (c, train_key))
+            bc = calls("prepass.cohort", algorithm.prepass.cohort, bc, total, c._replace(rng=server_key))
+            c = c._replace(broadcast=bc)
+        summed, slots = run_lanes(lane, (arrays, client_states), (c, train_key, contrib_key, agg_state))
+        return finish_round(algorithm, server_state, agg_state, summed, slots, c._replace(rng=server_key))
 
     return round_fn
 
 
-def finish_round(algorithm: Algorithm, server_state, contrib, per_slot, server_key) -> RoundOutput:
+def finish_round(algorithm: Algorithm, server_state, agg_state, summed, slots: SlotOutputs, ctx: Context):
     """Aggregates the summed contributions and applies the server update. For an aggregator that
-    gathers, ``per_slot['gathered']`` holds every slot's ``(update, weight)`` ([lanes, slots, ...],
+    gathers, ``slots.gathered`` holds every slot's ``(update, weight)`` ([lanes, slots, ...],
     weight 0 in empty slots), handed to ``finalize`` as one client axis."""
-    contrib, stats = contrib
+    (part, sides), stats = summed
     if algorithm.aggregator.gathers:
-        gathered = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), per_slot["gathered"])
-        contrib = (gathered, contrib[1])
-    aggregate, agg_state, agg_metrics = algorithm.aggregator.finalize(
-        contrib, server_key, aggregator_state(algorithm, server_state))
-    if jax.tree.leaves(stats):
-        new_state, server_metrics = algorithm.server_update(server_state, aggregate, stats)
-    else:
-        new_state, server_metrics = algorithm.server_update(server_state, aggregate)
-    new_state = with_aggregator_state(algorithm, new_state, agg_state)
-    metric_sums = jax.tree.map(jnp.sum, per_slot["metric_sums"])
-    client_metrics = {"update_norm": per_slot["update_norm"]}
-    for name, (total, count) in per_slot["metric_sums"].items():
-        client_metrics[f"{name}_sum"] = total
-        client_metrics[f"{name}_count"] = count
-    client_metrics.update(per_slot["extras"])
-    extras = {"update_norm": global_norm(aggregate), **agg_metrics, **server_metrics}
-    return RoundOutput(new_state, metric_sums, client_metrics, per_slot["client_states"], extras)
+        part = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), slots.gathered)
+    server_key = ctx.rng
+    aggregate, new_agg_state, agg_metrics = algorithm.aggregator.finalize((part, sides), server_key, agg_state)
+    agg_state = new_agg_state if algorithm.aggregator.stateful else agg_state
+    new_state, server_metrics = Calls(algorithm)("server_update", algorithm.server_update, server_state, aggregate,
+                                                 stats, ctx._replace(rng=jax.random.fold_in(server_key, 1)))
+    metrics = {"update_norm": global_norm(aggregate), **agg_metrics, **server_metrics}
+    return RoundOutputs(new_state, agg_state, slots._replace(gathered=()), metrics)

@@ -1,17 +1,18 @@
 """Learning curves as PNG: ``History.plot()`` and ``fedtrain plot RUN_DIR`` (CSV, JSON lines or event files).
 
-Needs matplotlib, the ``plots`` extra: ``pip install fedtrain[plots]``.
+Needs matplotlib, the ``plots`` extra: ``pip install fedtrain[plots]``; it is imported only when a
+figure is drawn.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
+
+from fedtrain.logs.runs import load_run
 
 # Bookkeeping logs that are not learning curves.
 _SKIP = {"round_time", "num_clients", "num_examples", "round", "epoch"}
@@ -72,56 +73,6 @@ def plot_curves(rounds: Sequence[int], history: dict[str, Sequence[float]], path
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, format="png", dpi=100)
     return fig
-
-
-def _num(v) -> float:
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return math.nan
-
-
-def load_run(run_dir: str | os.PathLike) -> tuple[list[int], dict[str, list[float]]]:
-    """Rounds and curves of a run directory: a CSVLogger file, else a JSON-lines log, else event files."""
-    root = Path(run_dir)
-    if root.is_file():
-        files = [root]
-    else:
-        files = (sorted(root.rglob("*.csv")) or sorted(root.rglob("*.jsonl"))
-                 or sorted(p.parent for p in root.rglob("events.out.tfevents.*"))[:1])
-    if not files:
-        raise FileNotFoundError(f"no CSV, JSON-lines or TensorBoard event files under {root}.")
-    f = files[0]
-    if f.suffix == ".csv":
-        with open(f, newline="") as fh:
-            records = list(csv.DictReader(fh))
-        return _from_records([{k: _num(v) for k, v in r.items()} for r in records])
-    if f.suffix == ".jsonl":
-        records = []
-        for line in f.read_text().splitlines():
-            try:
-                records.append({k: _num(v) for k, v in json.loads(line).items()})
-            except json.JSONDecodeError:
-                continue
-        return _from_records(records)
-    from fedtrain.callbacks.tensorboard import read_scalars
-
-    scalars = read_scalars(root)
-    series: dict[str, dict[int, float]] = {}
-    for run, tags in scalars.items():
-        prefix = "val_" if Path(run).name == "validation" else ""
-        for tag, points in tags.items():
-            for step, value in points:
-                series.setdefault(prefix + tag, {})[step] = value
-    steps = sorted({s for d in series.values() for s in d})
-    return [s - 1 for s in steps], {k: [d.get(s, math.nan) for s in steps] for k, d in series.items()}
-
-
-def _from_records(records: list[dict]) -> tuple[list[int], dict[str, list[float]]]:
-    by_round = {int(r["round"]): r for r in records if math.isfinite(r.get("round", math.nan))}
-    rounds = sorted(by_round)
-    keys = sorted({k for r in by_round.values() for k in r if k != "round"})
-    return rounds, {k: [by_round[r].get(k, math.nan) for r in rounds] for k in keys}
 
 
 def plot_run(run_dir: str | os.PathLike, output: str | os.PathLike | None = None) -> Path:
