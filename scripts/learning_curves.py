@@ -19,7 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fedtrain.callbacks.plots import _matplotlib, load_run  # noqa: E402
+from fedtrain.logs.plots import _matplotlib  # noqa: E402
+from fedtrain.logs.runs import load_run  # noqa: E402
 
 
 def summarize(rounds: list[int], history: dict[str, list[float]], metric: str, window: int) -> dict:

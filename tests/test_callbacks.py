@@ -14,7 +14,7 @@ import fedtrain
 from fedtrain.callbacks import (
     Callback, CSVLogger, EarlyStopping, JSONLinesLogger, LearningRateScheduler, ReduceLROnPlateau, TensorBoard,
     TerminateOnNaN)
-from fedtrain.callbacks.tensorboard import read_histograms, read_scalars
+from fedtrain.logs.events import read_histograms, read_scalars
 from tests.conftest import TinyMLP
 
 
@@ -199,7 +199,7 @@ def test_tensorboard_event_files_hold_the_values(data, tmp_path):
     assert [s for s, _ in histos["params/l1/kernel/value"]] == [2, 4]
     assert histos["params/l1/kernel/value"][0][1].num == 8 * 16
     # Hyperparameters are recorded (the HParams plugin's session start info).
-    from fedtrain.callbacks.tensorboard import event_files, read_events
+    from fedtrain.logs.events import event_files, read_events
 
     plugins = {v.metadata.plugin_data.plugin_name for f in event_files(tmp_path / "tb") for e in read_events(f)
                for v in e.summary.value}
@@ -215,7 +215,7 @@ def test_tensorboard_without_client_histograms_does_not_fetch_client_results(dat
 
 def test_history_plot_and_plot_run(data, tmp_path):
     pytest.importorskip("matplotlib")
-    from fedtrain.callbacks import plots
+    from fedtrain.logs import plots
 
     trainer = make_trainer(data)
     history = trainer.fit(rounds=3, **FIT, validation_data=data,
@@ -236,7 +236,7 @@ def test_history_plot_and_plot_run(data, tmp_path):
 def test_plots_without_matplotlib_give_a_clear_error(monkeypatch):
     import builtins
 
-    from fedtrain.callbacks import plots
+    from fedtrain.logs import plots
 
     real_import = builtins.__import__
 
@@ -248,6 +248,15 @@ def test_plots_without_matplotlib_give_a_clear_error(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", fake_import)
     with pytest.raises(ImportError, match=r"fedtrain\[plots\]"):
         plots.plot_curves([0], {"loss": [1.0]})
+
+
+def test_importing_fedtrain_does_not_import_matplotlib():
+    import subprocess
+    import sys
+
+    code = "import sys, fedtrain, fedtrain.logs; assert 'matplotlib' not in sys.modules, 'matplotlib imported'"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
 
 
 def test_parameter_overview_is_shown_when_verbose(data, capsys):
