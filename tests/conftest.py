@@ -4,6 +4,7 @@ import os
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -56,34 +57,36 @@ def data(clients):
     return fedtrain.InMemoryFederatedData(clients)
 
 
-def run_engine_round(clients, cohort, algorithm, *, lanes=1, extra_capacity=0, population=None, empty=None,
-                     engine_population=None):
+def run_engine_round(clients, cohort, algorithm, *, lanes=1, extra_capacity=0, empty=None):
     """One compiled round of ``algorithm`` on ``cohort`` (ids of ``clients``; an unknown id is the
     client ``empty``), batch 4, lanes of room for the largest clients plus ``extra_capacity`` steps.
-    ``population``: each client's position in the population (batch order; default 0..k-1).
-    Returns ``(initial_server_state, RoundOutput)``."""
-    import jax
-
+    The population is ``clients`` (so SCAFFOLD's N is the same whatever the cohort).
+    Returns ``(initial_server_state, RoundResult)``."""
     from fedtrain.client_states import ClientStateStore
-    from fedtrain.engine.plan import BatchSpec, Layout, build_round, feature_specs
+    from fedtrain.engine import Population
+    from fedtrain.engine.plan import BatchSpec, Layout, build_round, feature_specs, prepass_steps
 
-    data = fedtrain.InMemoryFederatedData({c: clients[c] if c in clients else empty for c in cohort})
+    data = fedtrain.InMemoryFederatedData({**clients, **{c: empty for c in cohort if c not in clients}})
     model = fedtrain.models.adapter.from_nnx(Linear(features=8, rngs=nnx.Rngs(0)))
     spec = BatchSpec(4)
     sizes = np.array([data.client_size(c) for c in cohort])
     steps = spec.steps(sizes)
-    engine = fedtrain.engine.Engine(model, algorithm, "scan" if lanes == 1 else "vmap")
-    engine.layout(steps, len(cohort))
-    slots = -(-len(cohort) // lanes)
-    layout = Layout(lanes, slots, int(np.sort(steps)[::-1][:slots].sum()) + extra_capacity)
-    population = list(range(len(cohort))) if population is None else population
+    engine = fedtrain.engine.Engine(model, algorithm, "scan" if lanes == 1 else "vmap", lanes=lanes)
+    ids = list(clients)
+    all_sizes = np.array([data.client_size(c) for c in ids])
     specs = feature_specs(next(c for c in clients.values() if len(next(iter(c.values())))))
-    plan = build_round(data, cohort, population, sizes, spec, layout, specs, seed=0, round_index=0)
-    cstates = None
-    if algorithm.client_state_init is not None:
-        cstates = ClientStateStore(algorithm.client_state_init(model.init_params)).gather(
-            cohort, plan.placement, lanes, slots)
-    if engine_population is not None:
-        engine._population = engine_population
     state = algorithm.init(model.init_params)
-    return state, engine.run(state, plan, plan.batch, cstates, jax.random.key(0))
+    agg_state = algorithm.aggregator.init(model.init_params) if algorithm.aggregator.stateful else ()
+    store = None
+    if algorithm.client_state_init is not None:
+        store = ClientStateStore(algorithm.client_state_init(model.init_params))
+    engine.start(data, Population(ids, all_sizes, spec.steps(all_sizes)), spec, specs, len(cohort), 0,
+                 (state, agg_state, {}), None if store is None else store.initial_state())
+    slots = -(-len(cohort) // lanes)
+    pre = int(np.sort(prepass_steps(sizes, 4))[::-1][:slots].sum()) + extra_capacity
+    layout = Layout(lanes, slots, int(np.sort(steps)[::-1][:slots].sum()) + extra_capacity,
+                    pre if algorithm.prepass is not None else 0, bucketed=lanes == 1)
+    population = [ids.index(c) if c in ids else len(ids) for c in cohort]
+    round_input = build_round(data, cohort, population, sizes, spec, layout, specs, seed=0, round_index=0)
+    round_input = round_input._replace(arrays=jax.device_put(round_input.arrays))
+    return state, engine.run(state, agg_state, {}, store, round_input)

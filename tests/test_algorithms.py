@@ -10,6 +10,7 @@ from flax import nnx
 
 import fedtrain
 from fedtrain import aggregators as agg
+from fedtrain.algorithms import ClientOut
 from fedtrain.algorithms import (agnostic_fedavg, dp_fedavg, fedadam, fedavg, fedprox, hypcluster, mime, mime_lite,
                                  scaffold)
 from fedtrain.engine.plan import BatchSpec, client_rng, example_order
@@ -100,12 +101,14 @@ def test_padded_empty_client_changes_nothing(name):
 
     def one_round(cohort, extra_capacity, lanes):  # same population in both runs (SCAFFOLD's N)
         return run_engine_round(clients, cohort, ALGORITHMS[name](), lanes=lanes, extra_capacity=extra_capacity,
-                                empty=empty, engine_population=(5, 4))[1]
+                                empty=empty)[1]
 
     base = one_round(ids, 0, 1)
-    padded = one_round(ids + ["empty"], 5, 1)
-    assert max_diff(base.server_state, padded.server_state) < 1e-6
-    assert float(padded.client_metrics["loss_count"][0, 4]) == 0.0
+    for lanes in (1, 2):
+        padded = one_round(ids + ["empty"], 5, lanes)
+        assert max_diff(base.server_state, padded.server_state) < 1e-6, lanes
+        assert padded.client_metrics["num_examples"][4] == 0 and np.isnan(padded.client_metrics["loss"][4])
+        assert padded.client_logs()[4]["num_examples"] == 0
 
 
 # ------------------------------------------------------------------------------------- NumPy references
@@ -133,22 +136,22 @@ class Problem:
     """A tiny federated softmax regression (linear model) and the library's batch order."""
 
     def __init__(self, num_clients=3, seed=1, domains=False, rounds=2, clients_per_round=None, batch_size=4,
-                 local_epochs=1):
+                 local_epochs=1, local_steps=None):
         self.clients = (domain_clients if domains else make_clients)(num_clients=num_clients, features=4, classes=3,
                                                                      min_size=5, max_size=11, seed=seed)
         self.data = fedtrain.InMemoryFederatedData(self.clients)
         self.ids = list(self.clients)
-        self.spec = BatchSpec(batch_size, local_epochs=local_epochs)
+        self.spec = BatchSpec(batch_size, local_epochs=local_epochs, local_steps=local_steps)
         self.rounds = rounds
         self.k = clients_per_round or num_clients
 
-    def train(self, algorithm, seed=7):
+    def train(self, algorithm, seed=7, backend="scan"):
         cohorts = []
-        t = fedtrain.FederatedTrainer(Linear(rngs=nnx.Rngs(4)), self.data, algorithm, backend="scan", seed=seed)
+        t = fedtrain.FederatedTrainer(Linear(rngs=nnx.Rngs(4)), self.data, algorithm, backend=backend, seed=seed)
         p0 = pure(t.params)["dense"]
         self.state0 = t.server_state
         t.fit(rounds=self.rounds, clients_per_round=self.k, batch_size=self.spec.batch_size,
-              local_epochs=self.spec.local_epochs, verbose=0,
+              local_epochs=self.spec.local_epochs, local_steps=self.spec.local_steps, verbose=0,
               callbacks=[fedtrain.callbacks.LambdaCallback(on_clients_sampled=lambda r, ids: cohorts.append(ids))])
         self.trainer, self.seed, self.cohorts = t, seed, cohorts
         return p0["kernel"].astype(np.float64), p0["bias"].astype(np.float64)
@@ -226,11 +229,18 @@ def test_scaffold_matches_numpy_with_partial_participation():
         np.testing.assert_allclose(pure(pb.trainer.client_states.get(cid))["dense"]["bias"], ci[cid][1], atol=1e-5)
 
 
+# Regimes a user can reach: one epoch, local steps below one epoch (clients of 5-11 examples, batch 4:
+# 1 of 2-3 batches), several epochs. A prepass (full-batch gradient, domain losses, cluster choice)
+# always covers the client's whole dataset once.
+REGIMES = {"one_epoch": {}, "one_step": dict(local_steps=1), "three_epochs": dict(local_epochs=3)}
+
+
+@pytest.mark.parametrize("regime", list(REGIMES))
 @pytest.mark.parametrize("full,full_batch", [(False, True), (True, True), (False, False)],
                          ids=["mime_lite", "mime", "mime_lite_first_batch"])
-def test_mime_matches_numpy(full, full_batch):
+def test_mime_matches_numpy(full, full_batch, regime):
     beta, server_lr, clip = 0.8, 0.9, 0.4
-    pb = Problem(rounds=3)
+    pb = Problem(rounds=3, **REGIMES[regime])
     base_tx = optax.sgd(CLIENT_LR, momentum=beta)
     w, b = pb.train(mime(base_tx, server_lr) if full else
                     mime_lite(base_tx, server_lr, client_delta_clip_norm=clip, full_batch_gradient=full_batch))
@@ -240,7 +250,7 @@ def test_mime_matches_numpy(full, full_batch):
         grads = []
         for cid in cohort:
             x, y = pb.xy(cid)
-            idx = np.concatenate(pb.batches(cid, r)) if full_batch else pb.batches(cid, r)[0]
+            idx = np.arange(len(y)) if full_batch else pb.batches(cid, r)[0]
             gw, gb = softmax_grad(w, b, x[idx], y[idx])
             grads.append((gw * len(idx), gb * len(idx), len(idx)))
         n_all = sum(g[2] for g in grads)
@@ -268,8 +278,9 @@ def test_mime_matches_numpy(full, full_batch):
     pb.check(w, b)
 
 
-def test_agnostic_fedavg_matches_numpy():
-    eta, pb = 0.5, Problem(domains=True, rounds=3)
+@pytest.mark.parametrize("regime", list(REGIMES))
+def test_agnostic_fedavg_matches_numpy(regime):
+    eta, pb = 0.5, Problem(domains=True, rounds=3, **REGIMES[regime])
     w, b = pb.train(agnostic_fedavg(optax.sgd(CLIENT_LR), [0.3, 0.7], eta, server_tx=optax.sgd(0.9)))
     lam, window = np.array([0.3, 0.7]), np.ones(2)
     for r, cohort in enumerate(pb.cohorts):
@@ -304,8 +315,9 @@ def test_agnostic_fedavg_matches_numpy():
     assert pb.trainer.history.history["domain_weight_1"][-1] == pytest.approx(lam[1], abs=1e-5)
 
 
-def test_hypcluster_matches_numpy():
-    pb = Problem(num_clients=3, rounds=3)
+@pytest.mark.parametrize("regime", list(REGIMES))
+def test_hypcluster_matches_numpy(regime):
+    pb = Problem(num_clients=3, rounds=3, **REGIMES[regime])
     pb.train(hypcluster(optax.sgd(CLIENT_LR), 2, server_tx=optax.sgd(0.9), init_noise=0.5, seed=2))
     stacked = pure(pb.state0.params)["dense"]
     W, B = stacked["kernel"].astype(np.float64), stacked["bias"].astype(np.float64)
@@ -511,8 +523,100 @@ def test_missing_domain_id_is_a_clear_error(data):
     assert t.round == 0 and began == []  # raised before any callback ran
 
 
-def test_scaffold_needs_population_outside_the_trainer():
-    algorithm = scaffold(0.1)
-    with pytest.raises(ValueError, match="population"):
-        algorithm.bind(A.RunInfo())
-    assert algorithm.bind(A.RunInfo(num_clients=10)).name == "scaffold"
+def test_scaffold_population_comes_from_the_trainer_or_the_argument():
+    data = fedtrain.InMemoryFederatedData(make_clients(num_clients=6))
+
+    def control(**kw):
+        t = fedtrain.FederatedTrainer(Linear(features=8, rngs=nnx.Rngs(0)), data, scaffold(0.1, **kw), seed=1)
+        t.fit(rounds=1, **FIT)
+        return pure(t.server_state.control)["dense"]["bias"]
+
+    # c <- c + (1/N) sum_i dc_i: with N given as 12 instead of the 6 clients, the step halves
+    np.testing.assert_allclose(control(num_clients=12), control() / 2, rtol=1e-5)
+
+
+def malformed(**changes):
+    return fedavg(optax.sgd(0.1))._replace(**changes)
+
+
+@pytest.mark.parametrize("field,fn,match", [
+    ("client_step", lambda local, batch: (local, {}), r"client_step.*client_step\(local, batch, ctx\)"),
+    ("client_init", lambda bc, cs, ctx: bc, r"client_init\(broadcast, client_state, prepass, ctx\)"),
+    ("server_update", lambda s, agg: (s, {}), r"server_update\(server_state, aggregate, stats, ctx\)"),
+    ("broadcast", lambda s: s.params, r"broadcast\(server_state, ctx\)"),
+])
+def test_malformed_algorithm_names_the_function_and_its_signature(field, fn, match):
+    with pytest.raises(TypeError, match=match):
+        fedtrain.FederatedTrainer(Linear(features=8, rngs=nnx.Rngs(0)), None, malformed(**{field: fn}))
+
+
+def test_algorithm_error_while_tracing_names_the_function(data):
+    def client_final(bc, local, ctx):
+        return ClientOut(local.params["no_such_layer"], ctx.num_examples)
+
+    t = fedtrain.FederatedTrainer(Linear(features=8, rngs=nnx.Rngs(0)), data, malformed(client_final=client_final))
+    began = []
+    with pytest.raises(KeyError, match=r"client_final.*contract: client_final\(broadcast, local, ctx\)"):
+        t.fit(rounds=1, **FIT, callbacks=[fedtrain.callbacks.LambdaCallback(on_train_begin=lambda logs: began.append(1))])
+    assert began == []  # raised before any callback ran
+
+
+def numpy_adam(b1=0.9, b2=0.99, eps=1e-3):
+    def init(x):
+        return (np.zeros_like(x), np.zeros_like(x), 0)
+
+    def update(g, state, lr):
+        m, v, t = state
+        m, v, t = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g, t + 1
+        return -lr * (m / (1 - b1 ** t)) / (np.sqrt(v / (1 - b2 ** t)) + eps), (m, v, t)
+
+    return init, update
+
+
+def numpy_momentum(beta=0.9):
+    def init(x):
+        return np.zeros_like(x)
+
+    def update(g, trace, lr):
+        trace = g + beta * trace
+        return -lr * trace, trace
+
+    return init, update
+
+
+@pytest.mark.parametrize("server", ["adam", "momentum"])
+def test_hypcluster_keeps_one_server_optimizer_state_per_cluster(server):
+    """A cluster no client chose keeps its model and its optimizer state (moments, step count)."""
+    pb = Problem(num_clients=6, rounds=6, clients_per_round=2, seed=5)
+    for i, cid in enumerate(pb.ids):  # two populations with permuted labels
+        if i % 2:
+            pb.clients[cid]["y"] = (pb.clients[cid]["y"] + 1) % 3
+    pb.data = fedtrain.InMemoryFederatedData(pb.clients)
+    lr = 0.3
+    tx = optax.adam(lr, b1=0.9, b2=0.99, eps=1e-3) if server == "adam" else optax.sgd(lr, momentum=0.9)
+    pb.train(hypcluster(optax.sgd(CLIENT_LR), 2, server_tx=tx, init_noise=1.0, seed=0), seed=1)
+    init, update = numpy_adam() if server == "adam" else numpy_momentum()
+    stacked = pure(pb.state0.params)["dense"]
+    W, B = stacked["kernel"].astype(np.float64), stacked["bias"].astype(np.float64)
+    opt = [(init(W[j]), init(B[j])) for j in range(2)]
+    history = []
+    for r, cohort in enumerate(pb.cohorts):
+        sums = [(np.zeros_like(W[0]), np.zeros_like(B[0]), 0.0) for _ in range(2)]
+        for cid in cohort:
+            x, y = pb.xy(cid)
+            j = int(np.argmin([softmax_losses(W[k], B[k], x, y).sum() for k in range(2)]))
+            cw, cb = local_sgd(W[j], B[j], x, y, pb.batches(cid, r), CLIENT_LR)
+            n = len(y)
+            sums[j] = (sums[j][0] + n * (W[j] - cw), sums[j][1] + n * (B[j] - cb), sums[j][2] + n)
+        history.append([sums[j][2] > 0 for j in range(2)])
+        for j in range(2):
+            if sums[j][2] > 0:
+                uw, sw = update(sums[j][0] / sums[j][2], opt[j][0], lr)
+                ub, sb = update(sums[j][1] / sums[j][2], opt[j][1], lr)
+                W[j], B[j], opt[j] = W[j] + uw, B[j] + ub, (sw, sb)
+    idle_then_chosen = any(not history[r][j] and any(h[j] for h in history[r + 1:])
+                           for r in range(len(history)) for j in range(2))
+    assert idle_then_chosen, "no cluster was idle and chosen later; the test would not see the idle cluster's state"
+    got = pure(pb.trainer.server_state.params)["dense"]
+    np.testing.assert_allclose(got["kernel"], W, atol=1e-5)
+    np.testing.assert_allclose(got["bias"], B, atol=1e-5)
