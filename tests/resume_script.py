@@ -25,17 +25,17 @@ def stateful(algorithm):
     def client_state_init(params):
         return {"norm_sum": jnp.zeros((), jnp.float32), "visits": jnp.zeros((), jnp.int32)}
 
-    def client_init(model, b, cs, rng):
-        return algorithm.client_init(model, b, None, rng), cs
+    def client_init(b, cs, prepass, ctx):
+        return algorithm.client_init(b, None, prepass, ctx), cs
 
-    def client_step(model, local, batch):
+    def client_step(local, batch, ctx):
         inner, cs = local
-        inner, sums = algorithm.client_step(model, inner, batch)
+        inner, sums = algorithm.client_step(inner, batch, ctx)
         return (inner, cs), sums
 
-    def client_final(model, b, local, n):
+    def client_final(b, local, ctx):
         inner, cs = local
-        out = algorithm.client_final(model, b, inner, n)
+        out = algorithm.client_final(b, inner, ctx)
         norm = jnp.sqrt(sum(jnp.sum(x * x) for x in jax.tree.leaves(out.update)))
         return ClientOut(out.update, out.weight, {"norm_sum": cs["norm_sum"] + norm, "visits": cs["visits"] + 1},
                          out.metrics)

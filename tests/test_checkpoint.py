@@ -118,6 +118,18 @@ def test_checkpoint_from_a_newer_format_is_refused(tmp_path):
         make_trainer().fit(rounds=2, **FIT, callbacks=[OrbaxCheckpoint(tmp_path)])
 
 
+def test_checkpoint_from_before_0_2_is_refused_with_the_version_named(tmp_path):
+    make_trainer().fit(rounds=1, **FIT, callbacks=[OrbaxCheckpoint(tmp_path)])
+    path = tmp_path / "1" / "metadata" / "metadata"
+    meta = json.loads(path.read_text())
+    meta["format"], meta["fedtrain_version"] = 1, "0.1.0"
+    path.write_text(json.dumps(meta))
+    before = snapshot(tmp_path)
+    with pytest.raises(CheckpointMismatchError, match=r"format 1 by fedtrain 0\.1\.0.*reads format 2.*fedtrain<0\.2"):
+        make_trainer().restore(tmp_path)
+    assert snapshot(tmp_path) == before  # nothing was deleted or set aside
+
+
 def test_nan_round_is_not_saved_and_terminate_on_nan_stops(tmp_path, capsys):
     trainer = make_trainer()
     trainer.fit(rounds=2, **FIT, callbacks=[OrbaxCheckpoint(tmp_path)])

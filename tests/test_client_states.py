@@ -16,16 +16,16 @@ def counting_fedavg():
     """FedAvg whose clients remember how often they trained and on how many examples."""
     base = fedtrain.algorithms.fedavg(optax.sgd(0.1))
 
-    def client_init(model, broadcast, state, rng):
-        return base.client_init(model, broadcast, None, rng), state
+    def client_init(broadcast, state, prepass, ctx):
+        return base.client_init(broadcast, None, prepass, ctx), state
 
-    def client_step(model, local, batch):
-        inner, sums = base.client_step(model, local[0], batch)
+    def client_step(local, batch, ctx):
+        inner, sums = base.client_step(local[0], batch, ctx)
         return (inner, local[1]), sums
 
-    def client_final(model, broadcast, local, num_examples):
-        out = base.client_final(model, broadcast, local[0], num_examples)
-        state = {"rounds": local[1]["rounds"] + 1, "examples": local[1]["examples"] + num_examples}
+    def client_final(broadcast, local, ctx):
+        out = base.client_final(broadcast, local[0], ctx)
+        state = {"rounds": local[1]["rounds"] + 1, "examples": local[1]["examples"] + ctx.num_examples}
         return out._replace(client_state=state)
 
     return base._replace(name="counting", client_init=client_init, client_step=client_step,
