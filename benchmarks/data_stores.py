@@ -184,11 +184,11 @@ def run_round(stores: list[tuple[str, str]], rounds: int) -> dict:
         spec = BatchSpec(BATCH_SIZE, 1)
         ids = data.client_ids
         sizes = data.client_sizes()
-        layout = trainer.engine.layout(spec.steps(sizes), CLIENTS_PER_ROUND)  # as the trainer's feeder
         specs = feature_specs(data.get_client(ids[0]))
         assembly, reads, examples = [], [], []
         for r in range(first, first + rounds):
             idx = np.asarray(trainer.sampler.sample(trainer.seed, r, len(ids), CLIENTS_PER_ROUND), np.int64)
+            layout = trainer.engine.layout(CLIENTS_PER_ROUND, idx)  # as the trainer's feeder
             chosen = [ids[i] for i in idx]
             t0 = time.perf_counter()
             plan = build_round(data, chosen, idx, sizes[idx], spec, layout, specs, trainer.seed, r)

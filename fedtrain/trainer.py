@@ -7,7 +7,6 @@ import sys
 import time
 import warnings
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import jax
@@ -164,7 +163,7 @@ class FederatedTrainer:
     def restore(self, directory, step: int | None = None) -> int:
         """Loads the checkpoint of ``step`` (default: the newest good one) from an OrbaxCheckpoint
         directory; returns the number of completed rounds it holds."""
-        from fedtrain.callbacks.checkpoint import restore_trainer
+        from fedtrain.checkpoint_format import restore_trainer
 
         return restore_trainer(self, directory, step)
 

@@ -13,7 +13,7 @@ import pytest
 import fedtrain
 from fedtrain.callbacks import (
     BackupAndRestore, CheckpointError, CheckpointMismatchError, EarlyStopping, OrbaxCheckpoint, TerminateOnNaN)
-from fedtrain.callbacks.checkpoint import FORMAT_VERSION, latest_step
+from fedtrain.checkpoint_format import FORMAT_VERSION, latest_step
 from tests.resume_script import make_algorithm, make_trainer, stateful
 
 FIT = dict(clients_per_round=4, batch_size=8, verbose=0)

@@ -39,7 +39,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from fedtrain import callbacks as cb
     from fedtrain import experiment
-    from fedtrain.callbacks.checkpoint import latest_step
+    from fedtrain.checkpoint_format import latest_step
 
     path, variant = resolve_recipe(args.recipe)
     recipe = Path(path).stem

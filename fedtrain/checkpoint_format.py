@@ -1,0 +1,324 @@
+"""The checkpoint format: what a step directory holds, how it is verified, and restoring it.
+
+A checkpoint step is the number of completed rounds. It holds the server state
+(parameters, server optimizer state) beside the aggregator's state, the
+per-client states of stateful algorithms, and JSON metadata: completed rounds,
+seed, fedtrain version, format number, algorithm, model structure, History,
+client hyperparameters, the state of callbacks that have one, and a SHA-256 of
+all arrays. Samplers and per-round randomness are pure functions of (seed,
+round), so restoring a step and running the remaining rounds gives exactly the
+results of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from fedtrain.callbacks.base import History
+
+FORMAT_VERSION = 2  # 2: the aggregator's state is saved beside the server state, not inside it
+log = logging.getLogger("fedtrain")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written or read."""
+
+
+class CheckpointMismatchError(CheckpointError, ValueError):
+    """A checkpoint was written by a different model, algorithm or client state layout."""
+
+
+def _version() -> str:
+    from fedtrain._version import __version__
+
+    return __version__
+
+
+def _ocp():
+    import orbax.checkpoint as ocp
+
+    return ocp
+
+
+# ---------------------------------------------------------------------- what is saved
+def _structure(tree) -> list[list]:
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return [[jax.tree_util.keystr(p), list(np.shape(x)), str(np.asarray(x).dtype if not hasattr(x, "dtype")
+                                                              else x.dtype)] for p, x in flat]
+
+
+def _server_tree(trainer) -> dict:
+    """What the ``server_state`` item holds: the algorithm's state and the aggregator's."""
+    return {"server": trainer.server_state, "aggregator": trainer.aggregator_state}
+
+
+def _checksum(server_state, client_rows: dict[str, np.ndarray] | None) -> str:
+    h = hashlib.sha256()
+    for x in jax.tree.leaves(server_state):
+        a = np.ascontiguousarray(np.asarray(x))
+        h.update(str(a.dtype).encode() + str(a.shape).encode())
+        h.update(a.tobytes())
+    for name in sorted(client_rows or {}):
+        a = np.ascontiguousarray(client_rows[name])
+        h.update(name.encode() + str(a.dtype).encode() + str(a.shape).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _stack_clients(trainer) -> tuple[list[str], dict[str, np.ndarray] | None]:
+    if trainer.client_states is None or len(trainer.client_states) == 0:
+        return [], None
+    rows = trainer.client_states.state_dict()
+    ids = list(rows)
+    n = len(rows[ids[0]])
+    return ids, {f"leaf_{i:04d}": np.stack([rows[c][i] for c in ids]) for i in range(n)}
+
+
+def _callback_arrays(trainer) -> dict[str, Any]:
+    """Server-state-shaped pytrees that callbacks keep (e.g. EarlyStopping's best weights)."""
+    out = {}
+    for i, cb in enumerate(getattr(trainer.callbacks, "callbacks", None) or []):
+        tree = cb.array_state() if hasattr(cb, "array_state") else None
+        if tree is not None:
+            out[f"{i}:{type(cb).__name__}"] = tree
+    return out
+
+
+def _callback_states(trainer) -> dict[str, Any]:
+    out = {}
+    for i, cb in enumerate(getattr(trainer.callbacks, "callbacks", []) or []):
+        if isinstance(cb, History) or not hasattr(cb, "state_dict"):
+            continue
+        out[f"{i}:{type(cb).__name__}"] = cb.state_dict()
+    return out
+
+
+def _history_with(trainer, round_index: int, logs: dict) -> dict:
+    h = History()
+    h.load_state_dict(trainer.history.state_dict())
+    if not h.rounds or h.rounds[-1] != round_index:
+        h.on_round_end(round_index, dict(logs))
+    return h.state_dict()
+
+
+def _metadata(trainer, completed: int, history: dict, client_ids: list[str], client_rows, extra: dict) -> dict:
+    from fedtrain._version import __version__
+
+    client_structure = None
+    if trainer.client_states is not None:
+        client_structure = _structure(trainer.client_states.initial_state())
+    return {
+        "format": FORMAT_VERSION,
+        "fedtrain_version": __version__,
+        "round": int(completed),
+        "seed": int(trainer.seed),
+        "algorithm": trainer.algorithm.name,
+        "model": getattr(trainer.model_fns, "name", None),
+        "structure": _structure(_server_tree(trainer)),
+        "client_structure": client_structure,
+        "client_ids": client_ids,
+        "client_hyperparams": {k: float(v) for k, v in trainer.client_hyperparams.items()},
+        "history": history,
+        "callbacks": _callback_states(trainer),
+        "callback_array_keys": sorted(_callback_arrays(trainer)),
+        "checksum": _checksum(_server_tree(trainer), client_rows),
+        **extra,
+    }
+
+
+# ---------------------------------------------------------------------- reading
+def _steps(directory: Path) -> list[int]:
+    if not directory.is_dir():
+        return []
+    steps = [int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit()]
+    return sorted(set(steps))
+
+
+def _read_metadata(step_dir: Path) -> dict:
+    import json
+
+    path = step_dir / "metadata" / "metadata"
+    if not path.exists():
+        raise CheckpointError(f"{step_dir} has no metadata file")
+    return json.loads(path.read_text())
+
+
+def _check_compatible(trainer, meta: dict, where: Path) -> None:
+    fmt = meta.get("format")
+    if not isinstance(fmt, int):
+        raise CheckpointError(f"{where}: metadata has no format number")
+    if fmt > FORMAT_VERSION:
+        raise CheckpointMismatchError(
+            f"{where} was written in checkpoint format {fmt} by fedtrain {meta.get('fedtrain_version')}; this "
+            f"fedtrain reads format <= {FORMAT_VERSION}. Upgrade fedtrain to restore it.")
+    if fmt < FORMAT_VERSION:
+        raise CheckpointMismatchError(
+            f"{where} was written in checkpoint format {fmt} by fedtrain {meta.get('fedtrain_version')}; this "
+            f"fedtrain ({_version()}) reads format {FORMAT_VERSION}: since 0.2.0 the aggregator's state is kept "
+            "beside the server state, not inside it. Restore it with the fedtrain version that wrote it "
+            "(pip install 'fedtrain<0.2'), or start a new checkpoint directory.")
+    problems = []
+    if meta.get("algorithm") != trainer.algorithm.name:
+        problems.append(f"algorithm: saved {meta.get('algorithm')!r}, this trainer {trainer.algorithm.name!r}")
+    model = getattr(trainer.model_fns, "name", None)
+    if meta.get("model") and model and meta["model"] != model:
+        problems.append(f"model: saved {meta['model']!r}, this trainer {model!r}")
+    problems += _diff_structure("server state", meta.get("structure") or [], _structure(_server_tree(trainer)))
+    here = None if trainer.client_states is None else _structure(trainer.client_states.initial_state())
+    saved = meta.get("client_structure")
+    if (saved is None) != (here is None):
+        problems.append(f"client state: saved {'none' if saved is None else 'per-client state'}, this algorithm "
+                        f"{'has none' if here is None else 'keeps per-client state'}")
+    elif saved is not None:
+        problems += _diff_structure("client state", saved, here)
+    if problems:
+        raise CheckpointMismatchError(
+            f"the checkpoint {where} does not fit this trainer:\n  - " + "\n  - ".join(problems[:12])
+            + ("\n  - ..." if len(problems) > 12 else "")
+            + "\nRestore it into the model and algorithm that wrote it, or use another checkpoint directory.")
+
+
+def _diff_structure(what: str, saved: list, here: list) -> list[str]:
+    saved_d = {p: (tuple(s), d) for p, s, d in saved}
+    here_d = {p: (tuple(s), d) for p, s, d in here}
+    out = []
+    for p in saved_d.keys() - here_d.keys():
+        out.append(f"{what} {p}: in the checkpoint, not in this trainer")
+    for p in here_d.keys() - saved_d.keys():
+        out.append(f"{what} {p}: in this trainer, not in the checkpoint")
+    for p in saved_d.keys() & here_d.keys():
+        if saved_d[p] != here_d[p]:
+            (s1, d1), (s2, d2) = saved_d[p], here_d[p]
+            out.append(f"{what} {p}: saved {d1}{list(s1)}, this trainer {d2}{list(s2)}")
+    return sorted(out)
+
+
+def _load_step(trainer, directory: Path, step: int) -> dict:
+    """Reads and verifies one step; returns the trainer state dict it holds."""
+    ocp = _ocp()
+    step_dir = directory / str(step)
+    meta = _read_metadata(step_dir)
+    _check_compatible(trainer, meta, step_dir)
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _server_tree(trainer))
+    handler = ocp.StandardCheckpointHandler()
+    ckptr = ocp.Checkpointer(handler)
+    try:
+        server_state = ckptr.restore(step_dir / "server_state", args=ocp.args.StandardRestore(abstract))
+        rows = None
+        if meta.get("client_ids"):
+            rows = ckptr.restore(step_dir / "client_states", args=ocp.args.StandardRestore())
+            rows = {k: np.asarray(v) for k, v in rows.items()}
+        arrays = {}
+        if (step_dir / "callback_arrays").exists():
+            keys = meta.get("callback_array_keys") or []
+            arrays = ckptr.restore(step_dir / "callback_arrays",
+                                   args=ocp.args.StandardRestore({k: abstract["server"] for k in keys}))
+    finally:
+        ckptr.close()
+    if _checksum(server_state, rows) != meta.get("checksum"):
+        raise CheckpointError(f"{step_dir}: the arrays do not match the checksum in the metadata")
+    client_states = None
+    if rows is not None:
+        names = sorted(rows)
+        client_states = {cid: [rows[n][i] for n in names] for i, cid in enumerate(meta["client_ids"])}
+    return {"server_state": server_state["server"], "aggregator_state": server_state["aggregator"],
+            "client_states": client_states, "round": meta["round"],
+            "seed": meta["seed"], "algorithm": meta["algorithm"], "history": meta.get("history"),
+            "client_hyperparams": meta.get("client_hyperparams"), "meta": meta, "callback_arrays": arrays}
+
+
+def _apply(trainer, state: dict) -> None:
+    meta = state.pop("meta")
+    arrays = state.pop("callback_arrays", None) or {}
+    if int(meta["seed"]) != trainer.seed:
+        warnings.warn(f"the checkpoint was written with seed {meta['seed']}, this trainer has seed {trainer.seed}; "
+                      "the remaining rounds follow this trainer's seed.", UserWarning, stacklevel=4)
+    if trainer.client_states is not None and state["client_states"] is None:
+        state["client_states"] = {}
+    trainer.load_state_dict(state)
+    cbs = getattr(trainer.callbacks, "callbacks", None) or []
+    saved = meta.get("callbacks") or {}
+    for i, cb in enumerate(cbs):
+        key = f"{i}:{type(cb).__name__}"
+        if key in saved and hasattr(cb, "load_state_dict") and not isinstance(cb, History):
+            cb.load_state_dict(saved[key])
+        if key in arrays and hasattr(cb, "load_array_state"):
+            cb.load_array_state(arrays[key])
+
+
+def _set_aside(directory: Path, step: int) -> None:
+    src = directory / str(step)
+    dst = directory / f"{step}.corrupt"
+    i = 1
+    while dst.exists():
+        dst = directory / f"{step}.corrupt{i}"
+        i += 1
+    try:
+        src.rename(dst)
+    except OSError:
+        pass
+
+
+def restore_latest(trainer, directory, step: int | None = None, *, set_aside: bool = False) -> dict | None:
+    """Restores ``step`` (or the newest readable step) into ``trainer``; returns its metadata or None.
+
+    An unreadable newest step is skipped with a warning (and, with ``set_aside``, renamed
+    ``<step>.corrupt`` so it is never overwritten or read again). A step written by a different
+    model or algorithm raises :class:`CheckpointMismatchError`; nothing on disk changes.
+    """
+    directory = Path(directory)
+    steps = _steps(directory)
+    if step is not None:
+        if int(step) not in steps:
+            raise CheckpointError(f"no checkpoint for step {step} in {directory} (steps: {steps})")
+        state = _load_step(trainer, directory, int(step))
+        meta = state["meta"]
+        _apply(trainer, state)
+        return meta
+    bad = []
+    for s in reversed(steps):
+        try:
+            state = _load_step(trainer, directory, s)
+        except CheckpointMismatchError:
+            raise
+        except Exception as e:  # unreadable, truncated or altered: fall back to the previous step
+            bad.append(s)
+            warnings.warn(f"checkpoint {directory / str(s)} is unreadable ({type(e).__name__}: {e}); "
+                          "falling back to the previous one.", RuntimeWarning, stacklevel=3)
+            continue
+        meta = state["meta"]
+        _apply(trainer, state)
+        if set_aside:
+            for b in bad:
+                _set_aside(directory, b)
+        return meta
+    if bad and set_aside:
+        for b in bad:
+            _set_aside(directory, b)
+    return None
+
+
+def restore_trainer(trainer, directory, step: int | None = None) -> int:
+    """``trainer.restore``: loads a checkpoint (newest good one by default); returns completed rounds."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint directory {directory} does not exist")
+    meta = restore_latest(trainer, directory, step)
+    if meta is None:
+        raise CheckpointError(f"no readable checkpoint in {directory}")
+    return int(meta["round"])
+
+
+def latest_step(directory) -> int | None:
+    """The newest finished step in an OrbaxCheckpoint directory (None if there is none)."""
+    steps = _steps(Path(directory))
+    return steps[-1] if steps else None
+
+
