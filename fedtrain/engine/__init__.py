@@ -144,20 +144,26 @@ class Engine:
         work = run.population.steps + (prepass_steps(run.population.sizes, run.spec.batch_size)
                                        if self.algorithm.prepass is not None else 0)
         if self.backend == "vmap":
-            return self._grouped(self.requested_lanes or choose_lanes(work, k, k)), False
+            if self.requested_lanes:
+                return self._grouped(self.requested_lanes), False
+            return self._grouped(choose_lanes(work, k, k), down=True), False
         devices = self.mesh.size
         if self.requested_lanes:
             per_device = max(1, math.ceil(self.requested_lanes / devices))
         elif jax.default_backend() == "cpu":
             per_device = 1
         else:
-            per_device = max(1, math.ceil(choose_lanes(work, k, k) / devices))
+            per_device = max(1, choose_lanes(work, k, k) // devices)
+            return devices * self._grouped(per_device, down=True), per_device == 1
         return devices * self._grouped(per_device), per_device == 1
 
-    def _grouped(self, lanes: int) -> int:
-        """``lanes`` rounded up to a multiple of the lane group when it exceeds one group."""
+    def _grouped(self, lanes: int, down: bool = False) -> int:
+        """``lanes`` as a multiple of the lane group when it exceeds one group: rounded up (the lanes
+        asked for), or ``down`` (a chosen lane count: fewer, fuller lanes instead of empty ones)."""
         g = self.lane_group
-        return lanes if g is None or lanes <= g else math.ceil(lanes / g) * g
+        if g is None or lanes <= g:
+            return lanes
+        return (lanes // g if down else math.ceil(lanes / g)) * g
 
     def _layouts(self, clients_per_round: int, worst_case: bool) -> Layout:
         key = (clients_per_round, worst_case)
@@ -223,8 +229,10 @@ class Engine:
             if self._warm is not None:
                 self._warm.result()
                 self._warm = None
-            out = self._round_fn(ri.layout)(self._put_replicated(server_state), aggregator_state, hparams, cstates,
-                                            ri.arrays, round_key, jnp.int32(ri.round_index))
+            server_state, aggregator_state, hparams, round_key, index = self._put_replicated(
+                (server_state, aggregator_state, hparams, round_key, jnp.int32(ri.round_index)))
+            out = self._round_fn(ri.layout)(server_state, aggregator_state, hparams, cstates, ri.arrays, round_key,
+                                            index)
         if client_states is not None:
             client_states.scatter(ri.client_ids, ri.placement, out.slots.client_state)
         return self._result(ri, out)
@@ -245,8 +253,9 @@ class Engine:
                 round_fn = make_round_fn(self.algorithm, self.run_spec.context, bucketed=layout.bucketed,
                                          batch_size=self.run_spec.spec.batch_size, mesh=self.mesh,
                                          lane_group=self.lane_group, on_trace=self._count)
-                # The aggregator state and the cohort's client states are replaced every round.
-                kw = dict(donate_argnums=(1, 3))
+                # The aggregator state and the cohort's client states are replaced every round (sharded
+                # rounds return client states replicated, so their lane-split inputs cannot be reused).
+                kw = dict(donate_argnums=(1, 3) if self.mesh is None else (1,))
                 if self.mesh is not None:  # outputs replicated: every process can read metrics and the new state
                     kw["out_shardings"] = self._replicated
                 fn = self._jitted[key] = jax.jit(round_fn, **kw)

@@ -270,13 +270,16 @@ def make_round_fn(algorithm: Algorithm, ctx: Context, *, bucketed: bool, batch_s
         train_key, contrib_key, server_key = round_keys(round_key)
         c = ctx._replace(round=round_index, client_hparams=client_hparams)
         bc = calls("broadcast", algorithm.broadcast, server_state, c)
-        c = c._replace(broadcast=bc)
+        # Only arrays cross into the mapped lanes: the context's static part is closed over.
+        dynamic = {"round": round_index, "client_hparams": client_hparams, "broadcast": bc}
         if cohort_prepass:
-            total, _ = run_lanes(lambda a, c_, k: (pre_lane(a, c_, k), ()), (arrays,), (c, train_key))
-            bc = calls("prepass.cohort", algorithm.prepass.cohort, bc, total, c._replace(rng=server_key))
-            c = c._replace(broadcast=bc)
-        summed, slots = run_lanes(lane, (arrays, client_states), (c, train_key, contrib_key, agg_state))
-        return finish_round(algorithm, server_state, agg_state, summed, slots, c._replace(rng=server_key))
+            total, _ = run_lanes(lambda a, d, k: (pre_lane(a, ctx._replace(**d), k), ()), (arrays,),
+                                 (dynamic, train_key))
+            bc = calls("prepass.cohort", algorithm.prepass.cohort, bc, total, c._replace(broadcast=bc, rng=server_key))
+            dynamic["broadcast"] = bc
+        summed, slots = run_lanes(lambda a, cs, d, *rest: lane(a, cs, ctx._replace(**d), *rest),
+                                  (arrays, client_states), (dynamic, train_key, contrib_key, agg_state))
+        return finish_round(algorithm, server_state, agg_state, summed, slots, c._replace(broadcast=bc, rng=server_key))
 
     return round_fn
 
