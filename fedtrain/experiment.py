@@ -20,7 +20,8 @@ Config keys (missing optional keys take the defaults below):
 - ``rounds``, ``clients_per_round``, ``batch_size``, ``local_epochs``,
   ``local_steps``, ``validation_freq``, ``validation_batch_size``: ``fit`` arguments.
 - ``dp`` (``dp_fedavg``), ``agnostic`` (``agnostic_fedavg``), ``mime``
-  (``mime``/``mime_lite``): algorithm settings.
+  (``mime``/``mime_lite``), ``feddyn`` (``alpha``): algorithm settings;
+  ``fednova`` uses ``client_momentum`` as its local SGD momentum.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import optax
 
 TASKS = ("emnist", "shakespeare", "stackoverflow", "cifar100")
 ALGORITHMS = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox", "scaffold", "mime", "mime_lite",
-              "dp_fedavg", "agnostic_fedavg")
+              "dp_fedavg", "agnostic_fedavg", "feddyn", "fednova")
 EMNIST_LIKE_SOURCES = ("mnist", "fashion_mnist", "digits")
 _LIMIT_KEYS = ("max_train_clients", "max_test_clients")
 
@@ -181,6 +182,10 @@ def build_algorithm(config):
         if name == "mime":
             return alg.mime(base, server_lr)
         return alg.mime_lite(base, server_lr, client_delta_clip_norm=opts.get("client_delta_clip_norm"))
+    if name == "feddyn":
+        return alg.feddyn(client_tx, float(_dict(config, "feddyn").get("alpha", 0.01)))
+    if name == "fednova":
+        return alg.fednova(client_lr, server_lr, momentum=momentum)
     if name == "dp_fedavg":
         opts = _dict(config, "dp")
         return alg.dp_fedavg(client_tx, float(opts.get("noise_multiplier", 1.0)), float(opts.get("clip_norm", 1.0)),
