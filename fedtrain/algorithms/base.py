@@ -38,6 +38,7 @@ class Context(NamedTuple):
     (index of the current local step). ``rng`` is a fresh key per call. ``client_hparams`` holds the
     injected values of client optimizers (see :meth:`init_optimizer`). ``broadcast`` is what the
     clients receive this round, after any cohort prepass (``None`` inside ``broadcast`` itself).
+    ``cohort_size`` (``server_update``) is the number of clients that trained this round.
     """
 
     model: Model
@@ -52,6 +53,7 @@ class Context(NamedTuple):
     step: jax.Array | int = 0
     client_hparams: dict[str, Any] = {}
     broadcast: PyTree = None
+    cohort_size: jax.Array | float = 0.0
 
     def grad(self, params: PyTree, batch: dict) -> tuple[PyTree, dict]:
         """Gradient of the mean loss over the batch's real examples, and the metric sums (train mode)."""
@@ -77,9 +79,11 @@ class Context(NamedTuple):
 class ClientOut(NamedTuple):
     """What a client sends back.
 
-    ``update`` goes through the aggregator with aggregation weight ``weight``; ``client_state`` is
-    stored for the client's next round; ``metrics`` are per-client logs; ``stats`` is summed over
-    the cohort as is (no aggregator) and given to ``server_update``.
+    ``update`` goes through the aggregator with aggregation weight ``weight`` (examples for
+    ``weighted_mean``; ``mean`` counts each client once); ``client_state`` is stored for the
+    client's next round; ``metrics`` are per-client logs; ``stats`` is summed over the cohort and
+    given to ``server_update`` *without* the aggregator: clipping, noise, compression and robust
+    means do not apply to it, so per-client values that need them belong in ``update``.
     """
 
     update: PyTree

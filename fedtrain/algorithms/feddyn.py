@@ -6,8 +6,8 @@ The server keeps ``h <- h - α/N Σ_{i∈S} (θ_i - θ_server)`` (``N`` the popu
 ``θ_server <- mean_{i∈S} θ_i - h/α``.
 
 Clients send the delta ``θ_server - θ_i`` through the aggregator (uniform ``mean()``, as in the
-paper) and count themselves in ``stats``: the cohort's ``Σ (θ_i - θ_server)`` is then
-``-|S| * mean_delta``, so every per-client value reaches the server through the aggregator
+paper); the cohort's ``Σ (θ_i - θ_server)`` is then ``-|S| * mean_delta`` (``|S|`` is
+``ctx.cohort_size``), so every per-client value reaches the server through the aggregator
 (clipping, noise or a robust mean apply to ``h`` as well).
 """
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from fedtrain.aggregators import Aggregator, mean
@@ -57,11 +56,11 @@ def feddyn(client_tx: optax.GradientTransformation, alpha: float, *, aggregator:
     def client_final(params, local, ctx):
         delta = tree_sub(params, local.params)  # θ_server - θ_i
         grad_state = tree_add(local.grad_state, tree_scale(delta, alpha))  # g_i - α (θ_i - θ_server)
-        return ClientOut(delta, ctx.num_examples, grad_state, stats=jnp.float32(1.0))
+        return ClientOut(delta, ctx.num_examples, grad_state)
 
-    def server_update(state, mean_delta, cohort_size, ctx):
+    def server_update(state, mean_delta, stats, ctx):
         # h - α/N Σ_{i∈S} (θ_i - θ_server) = h + α |S|/N mean_delta
-        h = tree_add(state.h, tree_scale(mean_delta, alpha * cohort_size / ctx.num_clients))
+        h = tree_add(state.h, tree_scale(mean_delta, alpha * ctx.cohort_size / ctx.num_clients))
         # mean_{i∈S} θ_i - h/α = θ_server - mean_delta - h/α
         params = tree_sub(tree_sub(state.params, mean_delta), tree_scale(h, 1.0 / alpha))
         return FedDynState(params, h), {}

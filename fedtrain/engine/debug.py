@@ -49,7 +49,7 @@ def run_round_debug(algorithm: Algorithm, ctx: Context, server_state, agg_state,
             client = ClientRound(algorithm, False, round_input.arrays.mask.shape[-1], loop=_checked_loop(where))
             out, sums = client.train(lane_arrays, slot, cstate, c, train_key)
             part, sides = agg.contribution(out.update, out.weight, jax.random.fold_in(contrib_key, pos), agg_state)
-            summed = ((() if agg.gathers else part, sides), out.stats)
+            summed = ((() if agg.gathers else part, sides), out.stats, jnp.float32(1))
             total = summed if total is None else jax.tree.map(jnp.add, total, summed)
             rows.append(SlotOutputs(sums, jnp.float32(0) + _norm(out.update), out.metrics, out.client_state,
                                     part if agg.gathers else ()))

@@ -155,7 +155,7 @@ def _masked(real, tree):
 
 def make_lane_fn(algorithm: Algorithm, bucketed: bool, batch_size: int):
     """``lane(arrays, client_states, ctx, train_key, contrib_key, agg_state) -> (summed, SlotOutputs)``
-    for one lane: a scan over its slots. ``summed = ((part, sides), stats)``."""
+    for one lane: a scan over its slots. ``summed = ((part, sides), stats, clients)``."""
     client = ClientRound(algorithm, bucketed, batch_size)
     agg = algorithm.aggregator
 
@@ -168,7 +168,8 @@ def make_lane_fn(algorithm: Algorithm, bucketed: bool, batch_size: int):
             new_state = (None if cstate is None else
                          jax.tree.map(lambda n, o: jnp.where(real, n.astype(o.dtype), o), out.client_state, cstate))
             gathered = _masked(real, part) if agg.gathers else ()
-            summed = ((() if agg.gathers else _masked(real, part), _masked(real, sides)), _masked(real, out.stats))
+            summed = ((() if agg.gathers else _masked(real, part), _masked(real, sides)), _masked(real, out.stats),
+                      real.astype(jnp.float32))
             total = summed if total is None else jax.tree.map(jnp.add, total, summed)
             return total, SlotOutputs(sums, global_norm(out.update), out.metrics, new_state, gathered)
 
@@ -288,13 +289,14 @@ def finish_round(algorithm: Algorithm, server_state, agg_state, summed, slots: S
     """Aggregates the summed contributions and applies the server update. For an aggregator that
     gathers, ``slots.gathered`` holds every slot's ``(update, weight)`` ([lanes, slots, ...],
     weight 0 in empty slots), handed to ``finalize`` as one client axis."""
-    (part, sides), stats = summed
+    (part, sides), stats, clients = summed
     if algorithm.aggregator.gathers:
         part = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), slots.gathered)
     server_key = ctx.rng
     aggregate, new_agg_state, agg_metrics = algorithm.aggregator.finalize((part, sides), server_key, agg_state)
     agg_state = new_agg_state if algorithm.aggregator.stateful else agg_state
     new_state, server_metrics = Calls(algorithm)("server_update", algorithm.server_update, server_state, aggregate,
-                                                 stats, ctx._replace(rng=jax.random.fold_in(server_key, 1)))
+                                                 stats, ctx._replace(rng=jax.random.fold_in(server_key, 1),
+                                                                     cohort_size=clients))
     metrics = {"update_norm": global_norm(aggregate), **agg_metrics, **server_metrics}
     return RoundOutputs(new_state, agg_state, slots._replace(gathered=()), metrics)
