@@ -284,7 +284,7 @@ class FederatedTrainer:
         self.server_state, self.aggregator_state = result.server_state, result.aggregator_state
         self.last_round_info = dict(result.info)
         bad = result.info["nonfinite_clients"]
-        if bad or not math.isfinite(result.logs.get("loss", 0.0)):
+        if bad or (result.client_ids and not math.isfinite(result.logs.get("loss", 0.0))):
             warnings.warn(f"round {r + 1}: the training loss is {result.logs.get('loss')}; clients with a non-finite "
                           f"loss: {bad}. Lower the learning rate or check these clients' data "
                           "(TerminateOnNaN stops training here).", RuntimeWarning, stacklevel=3)

@@ -167,14 +167,14 @@ def test_round_matches_numpy_median_of_client_deltas():
     ids = list(clients)[:4]
     empty = {"x": np.zeros((0, 8), np.float32), "y": np.zeros((0,), np.int32)}
 
-    def one_round(cohort, extra_capacity, lanes, aggregator, population=None):
+    def one_round(cohort, extra_capacity, lanes, aggregator):  # batch order follows the position in `clients`
         return run_engine_round(clients, cohort, fedavg(optax.sgd(0.1), aggregator=aggregator), lanes=lanes,
-                                extra_capacity=extra_capacity, population=population, empty=empty)
+                                extra_capacity=extra_capacity, empty=empty)
 
     # each client's delta from a weighted-mean round of that client alone
     deltas = []
     for c in ids:
-        state, out = one_round([c], 0, 1, agg.weighted_mean(), population=[ids.index(c)])
+        state, out = one_round([c], 0, 1, agg.weighted_mean())
         deltas.append(jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), state.params, out.server_state.params))
     state, base = one_round(ids, 0, 1, agg.median())
     expected = jax.tree.map(lambda p, *d: np.asarray(p) - np.median(np.stack(d), axis=0), state.params, *deltas)

@@ -20,7 +20,7 @@ import optax
 from fedtrain.aggregators import Aggregator, weighted_mean
 from fedtrain.algorithms._common import safe_div, tree_scale, tree_sub
 from fedtrain.algorithms.base import Algorithm, ClientOut, check_nonnegative
-from fedtrain.algorithms.fedopt import ClientLocal, ServerState
+from fedtrain.algorithms.fedopt import ServerState, fedopt
 
 
 def fednova(client_learning_rate: float, server_learning_rate: float = 1.0, *, momentum: float = 0.0,
@@ -36,17 +36,6 @@ def fednova(client_learning_rate: float, server_learning_rate: float = 1.0, *, m
         learning_rate=float(client_learning_rate), momentum=rho or None)
     server_tx = server_tx or optax.sgd(server_learning_rate)
 
-    def init(params):
-        return ServerState(params, server_tx.init(params))
-
-    def client_init(params, client_state, prepass, ctx):
-        return ClientLocal(params, ctx.init_optimizer(client_tx, params))
-
-    def client_step(local, batch, ctx):
-        grads, sums = ctx.grad(local.params, batch)
-        updates, opt_state = client_tx.update(grads, local.opt_state, local.params)
-        return ClientLocal(optax.apply_updates(local.params, updates), opt_state), sums
-
     def client_final(params, local, ctx):
         tau = jnp.asarray(ctx.num_steps, jnp.float32)
         a = tau if rho == 0 else (tau - rho * (1 - rho ** tau) / (1 - rho)) / (1 - rho)  # ||a_i||_1
@@ -59,7 +48,8 @@ def fednova(client_learning_rate: float, server_learning_rate: float = 1.0, *, m
         updates, opt_state = server_tx.update(tree_scale(mean_d, tau_eff), state.opt_state, state.params)
         return ServerState(optax.apply_updates(state.params, updates), opt_state), {"tau_eff": tau_eff}
 
-    return Algorithm("fednova", init, client_init, client_step, client_final, server_update,
-                     aggregator=aggregator or weighted_mean(),
-                     hyperparams={"client_learning_rate": float(client_learning_rate),
+    # Local training is FedOpt's (local SGD from the broadcast model); the averaging is FedNova's.
+    local_sgd = fedopt(client_tx, server_tx, aggregator=aggregator or weighted_mean())
+    return local_sgd._replace(name="fednova", client_final=client_final, server_update=server_update,
+                              hyperparams={"client_learning_rate": float(client_learning_rate),
                                   "server_learning_rate": server_learning_rate, "momentum": rho})

@@ -229,9 +229,11 @@ class Engine:
             if self._warm is not None:
                 self._warm.result()
                 self._warm = None
-            server_state, aggregator_state, hparams, round_key, index = self._put_replicated(
-                (server_state, aggregator_state, hparams, round_key, jnp.int32(ri.round_index)))
-            out = self._round_fn(ri.layout)(server_state, aggregator_state, hparams, cstates, ri.arrays, round_key,
+            # Host values (numpy) become replicated arrays on every process; the key goes as its raw data.
+            server_state, aggregator_state, hparams, key_data, index = self._put_replicated(
+                (server_state, aggregator_state, {k: np.asarray(v) for k, v in client_hparams.items()},
+                 np.asarray(jax.random.key_data(round_key)), np.int32(ri.round_index)))
+            out = self._round_fn(ri.layout)(server_state, aggregator_state, hparams, cstates, ri.arrays, key_data,
                                             index)
         if client_states is not None:
             client_states.scatter(ri.client_ids, ri.placement, out.slots.client_state)
@@ -279,7 +281,7 @@ class Engine:
         like = lambda x: spec(np.shape(x), jnp.asarray(x).dtype, lane=False)  # noqa: E731
         cstates = None if client_state_init is None else jax.tree.map(
             lambda x: spec((L, S) + np.shape(x), jnp.asarray(x).dtype), client_state_init)
-        key = jax.eval_shape(lambda: jax.random.key(0))
+        key = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
         return (jax.tree.map(like, server_state), jax.tree.map(like, agg_state),
                 {k: like(v) for k, v in hparams.items()}, cstates, arrays,
                 spec(key.shape, key.dtype, lane=False), spec((), i32, lane=False))
@@ -321,8 +323,7 @@ class Engine:
             client[name] = np.where(c > 0, t / np.where(c > 0, c, 1), np.nan)
             n = float(np.sum(c))
             logs[name] = float(np.sum(t)) / n if n > 0 else float("nan")
-        client["num_examples"] = np.asarray(ri.arrays.num_examples if isinstance(ri.arrays.num_examples, np.ndarray)
-                                            else jax.device_get(ri.arrays.num_examples))[at]
+        client["num_examples"] = ri.num_examples
         client["update_norm"] = np.asarray(slots.update_norm)[at]
         for name, value in slots.metrics.items():
             client[name] = np.asarray(value)[at]

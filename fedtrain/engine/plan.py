@@ -218,6 +218,7 @@ class RoundInput(NamedTuple):
     placement: list[tuple[int, int]]  # cohort position -> (lane, slot)
     layout: Layout
     arrays: RoundArrays
+    num_examples: np.ndarray  # [k] examples of each client, by cohort position
     real_examples: int
     computed_examples: int
     real_steps: int
@@ -328,7 +329,8 @@ def build_round(
         computed = executed * B
     arrays = RoundArrays(features, mask, bucket, start, count, pre_features, pre_mask, pre_start, pre_count,
                          weights, positions)
-    return RoundInput(int(round_index), list(client_ids), placement, layout, arrays, real, computed,
+    return RoundInput(int(round_index), list(client_ids), placement, layout, arrays, sizes.astype(np.float32), real,
+                      computed,
                       int(steps.sum() + pre_counts.sum()), executed)
 
 

@@ -257,18 +257,20 @@ def map_lanes(mesh=None, group: int | None = None):
 
 def make_round_fn(algorithm: Algorithm, ctx: Context, *, bucketed: bool, batch_size: int, mesh=None,
                   lane_group: int | None = None, on_trace=None):
-    """``round_fn(server_state, agg_state, client_hparams, client_states, arrays, round_key, round_index)
-    -> RoundOutputs``: the whole round. ``ctx`` holds the run's static facts."""
+    """``round_fn(server_state, agg_state, client_hparams, client_states, arrays, round_key_data, round_index)
+    -> RoundOutputs``: the whole round (``round_key_data``: ``jax.random.key_data`` of the round's key).
+    ``ctx`` holds the run's static facts."""
     calls = Calls(algorithm)
     lane = make_lane_fn(algorithm, bucketed, batch_size)
     run_lanes = map_lanes(mesh, lane_group)
     cohort_prepass = algorithm.prepass is not None and algorithm.prepass.cohort is not None
     pre_lane = make_cohort_prepass_fn(algorithm, batch_size) if cohort_prepass else None
 
-    def round_fn(server_state, agg_state, client_hparams, client_states, arrays: RoundArrays, round_key, round_index):
+    def round_fn(server_state, agg_state, client_hparams, client_states, arrays: RoundArrays, round_key_data,
+                 round_index):
         if on_trace is not None:
             on_trace()
-        train_key, contrib_key, server_key = round_keys(round_key)
+        train_key, contrib_key, server_key = round_keys(jax.random.wrap_key_data(round_key_data))
         c = ctx._replace(round=round_index, client_hparams=client_hparams)
         bc = calls("broadcast", algorithm.broadcast, server_state, c)
         # Only arrays cross into the mapped lanes: the context's static part is closed over.
