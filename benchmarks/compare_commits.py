@@ -84,7 +84,7 @@ def _measure_vmap(root: str, name: str, rounds: int, tiny: bool) -> dict:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--old", required=True, help="a checkout of the commit to compare against")
+    parser.add_argument("--old", help="a checkout of the commit to compare against (required)")
     parser.add_argument("--workloads", default="emnist-10,emnist-50,emnist-100,shakespeare-10")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--rounds", type=int, help="rounds per measurement (default: the workload's quick rounds)")
@@ -97,6 +97,8 @@ def main(argv=None) -> dict:
     if args.vmap_worker:
         _vmap_worker(args.vmap_worker, args.algorithm, args.rounds, args.tiny)
         return {}
+    if not args.old:
+        parser.error("--old is required: a checkout of the commit to compare against")
     scripts = {"old": os.path.join(os.path.abspath(args.old), "benchmarks", "round_throughput.py"),
                "new": os.path.join(HERE, "round_throughput.py")}
     rows = []
