@@ -174,6 +174,17 @@ def test_packing_visits_every_example_once_per_epoch(clients):
     assert 0 < plan.padding_efficiency <= 1
 
 
+def test_partial_batch_shapes_are_kept_only_where_they_save_compute():
+    from fedtrain.engine.plan import choose_buckets
+    spec = BatchSpec(10)
+    assert choose_buckets(np.full(50, 200), spec) == ()  # 20 full batches each: nothing to save
+    # one example in the last of 21 batches: the 5-shape saves 2.4 % (kept at 1.5 %, not at 3 %), the 3-shape 1 %
+    assert choose_buckets(np.full(50, 201), spec, 0.015) == (5, 10)
+    assert choose_buckets(np.full(50, 201), spec, 0.05) == ()
+    assert choose_buckets(np.full(50, 11), spec) == (2, 3, 5, 10)  # 2 batches, the second holds 1 example
+    assert choose_buckets(np.full(50, 15), spec) == (5, 10)
+
+
 def test_lane_assignment_balances_load_and_groups_similar_clients():
     steps = [10, 9, 8, 3, 2, 2, 1, 1]
     placement = place(steps, 3)
@@ -214,8 +225,8 @@ def test_example_order_epochs_and_steps():
 
 def test_partial_batches_run_in_the_smallest_bucket(clients):
     from fedtrain.engine.plan import partial_batch_buckets
-    assert partial_batch_buckets(10) == (5, 10)
-    assert partial_batch_buckets(4) == (2, 4)
+    assert partial_batch_buckets(10) == (2, 3, 5, 10)
+    assert partial_batch_buckets(4) == (1, 2, 4)
     assert partial_batch_buckets(1) == (1,)
     ids = list(clients)[:5]
     data = fedtrain.InMemoryFederatedData(clients)
@@ -223,12 +234,13 @@ def test_partial_batches_run_in_the_smallest_bucket(clients):
     sizes = np.array([len(clients[c]["y"]) for c in ids])
     steps = spec.steps(sizes)
     specs = feature_specs(clients[ids[0]])
-    single = build_round(data, ids, list(range(5)), sizes, spec, Layout(1, 5, int(steps.sum()), bucketed=True),
-                         specs, 0, 0)
+    single = build_round(data, ids, list(range(5)), sizes, spec,
+                         Layout(1, 5, int(steps.sum()), bucketed=True, buckets=partial_batch_buckets(4)), specs, 0, 0)
     a, used = single.arrays, int(steps.sum())
     real = a.mask[0, :used].sum(axis=1)
     chosen = np.asarray(partial_batch_buckets(4))[a.bucket[0, :used]]
-    assert np.all(chosen >= real) and np.all(chosen[real > 2] == 4) and np.all(chosen[real <= 2] == 2)
+    assert np.all(chosen >= real) and np.all(chosen[real == 4] == 4)
+    assert np.all(chosen[real <= 1] == 1) and np.all(chosen[(real > 1) & (real <= 2)] == 2)
     assert single.computed_examples == chosen.sum() and single.useful_lane_steps == 1.0
     lanes = build_round(data, ids, list(range(5)), sizes, spec, Layout(2, 3, int(steps.sum())), specs, 0, 0)
     executed = 2 * lanes.arrays.steps.max(axis=0).sum()  # lanes in lockstep, slot by slot: full batches

@@ -16,13 +16,13 @@ import numpy as np
 from fedtrain.algorithms.base import Algorithm, Context, check_algorithm
 from fedtrain.data.federated_data import FederatedData
 from fedtrain.engine.debug import ClientStepError, run_round_debug
-from fedtrain.engine.plan import (BatchSpec, FeatureSpec, Layout, RoundArrays, RoundInput, bucket_gain, build_round,
+from fedtrain.engine.plan import (BatchSpec, FeatureSpec, Layout, RoundArrays, RoundInput, build_round, choose_buckets,
                                   choose_lanes, lane_loads, make_layout, prepass_steps)
 from fedtrain.engine.round import CLIENT_AXIS, RoundOutputs, make_round_fn
 from fedtrain.models.adapter import Model
 
 BACKENDS = ("auto", "scan", "vmap", "sharded", "pmap", "debug")
-BUCKET_GAIN = 0.03
+BUCKET_GAIN = 0.015
 PyTree = Any
 
 
@@ -129,7 +129,7 @@ class Engine:
         layout = self.layout(int(clients_per_round))
         args = self._abstract_args(layout, state, client_state_init)
         if self.backend == "debug":  # the same round, traced once abstractly
-            jax.eval_shape(make_round_fn(self.algorithm, context, bucketed=False, batch_size=spec.batch_size), *args)
+            jax.eval_shape(make_round_fn(self.algorithm, context, buckets=(), batch_size=spec.batch_size), *args)
             return
         lowered = self._round_fn(layout).lower(*args)  # traces: algorithm errors surface here
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedtrain-compile")
@@ -137,14 +137,11 @@ class Engine:
         pool.shutdown(wait=False)
 
     def lanes_for(self, clients_per_round: int) -> tuple[int, bool]:
-        """``(lanes, bucketed)`` for cohorts of this size. ``bucketed``: one lane per device, and a
-        smaller shape for last partial batches saves at least ``BUCKET_GAIN`` of the compute (each
-        shape compiles the step again: about 2.5 s more first round for the EMNIST CNN)."""
+        """``(lanes, bucketed)`` for cohorts of this size; ``bucketed``: one lane per device."""
         k = int(clients_per_round)
         run = self.run_spec
-        worth = bucket_gain(run.population.sizes, run.spec) >= BUCKET_GAIN
         if self.backend in ("scan", "debug"):
-            return 1, worth
+            return 1, True
         work = run.population.steps + (prepass_steps(run.population.sizes, run.spec.batch_size)
                                        if self.algorithm.prepass is not None else 0)
         if self.backend == "vmap":
@@ -158,8 +155,8 @@ class Engine:
             per_device = 1
         else:
             per_device = max(1, choose_lanes(work, k, k) // devices)
-            return devices * self._grouped(per_device, down=True), per_device == 1 and worth
-        return devices * self._grouped(per_device), per_device == 1 and worth
+            return devices * self._grouped(per_device, down=True), per_device == 1
+        return devices * self._grouped(per_device), per_device == 1
 
     def _grouped(self, lanes: int, down: bool = False) -> int:
         """``lanes`` as a multiple of the lane group when it exceeds one group: rounded up (the lanes
@@ -186,8 +183,11 @@ class Engine:
                           "device busy.", RuntimeWarning, stacklevel=4)
         pre = (prepass_steps(run.population.sizes, run.spec.batch_size)
                if self.algorithm.prepass is not None else None)
+        # Each partial-batch shape compiles the step again (about 2.5 s more first round for the EMNIST
+        # CNN): keep only those that save at least BUCKET_GAIN of the compute.
+        buckets = choose_buckets(run.population.sizes, run.spec, BUCKET_GAIN) if bucketed else ()
         return make_layout(run.population.steps, clients_per_round, lanes, exact_lanes=exact, bucketed=bucketed,
-                           worst_case=worst_case, prepass_counts=pre)
+                           worst_case=worst_case, prepass_counts=pre, buckets=buckets)
 
     def layout(self, clients_per_round: int, cohort: np.ndarray | None = None) -> Layout:
         """The fixed shapes for cohorts of this size; a cohort (population indices) too heavy for the
@@ -256,7 +256,7 @@ class Engine:
         with self._lock:
             fn = self._jitted.get(key)
             if fn is None:
-                round_fn = make_round_fn(self.algorithm, self.run_spec.context, bucketed=layout.bucketed,
+                round_fn = make_round_fn(self.algorithm, self.run_spec.context, buckets=layout.buckets,
                                          batch_size=self.run_spec.spec.batch_size, mesh=self.mesh,
                                          lane_group=self.lane_group, on_trace=self._count)
                 # The aggregator state and the cohort's client states are replaced every round (sharded

@@ -46,7 +46,7 @@ def run_round_debug(algorithm: Algorithm, ctx: Context, server_state, agg_state,
                 rows.append(None)
                 continue
             where = f"round {round_input.round_index + 1}, client {round_input.client_ids[pos]!r} (cohort position {pos})"
-            client = ClientRound(algorithm, False, round_input.arrays.mask.shape[-1], loop=_checked_loop(where))
+            client = ClientRound(algorithm, (), round_input.arrays.mask.shape[-1], loop=_checked_loop(where))
             out, sums = client.train(lane_arrays, slot, cstate, c, train_key)
             part, sides = agg.contribution(out.update, out.weight, jax.random.fold_in(contrib_key, pos), agg_state)
             summed = ((() if agg.gathers else part, sides), out.stats, jnp.float32(1))

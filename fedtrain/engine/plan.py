@@ -65,26 +65,34 @@ class BatchSpec(NamedTuple):
 
 
 def partial_batch_buckets(batch_size: int) -> tuple[int, ...]:
-    """Batch shapes a single-lane round may run a step with: ``B`` and ``ceil(B / 2)``.
+    """Batch shapes a single-lane round may run a last partial batch with: ``ceil(B / 2**k)``, k = 0..3.
 
-    A client's last, partial batch runs with the smaller shape when its real
-    examples fit (a ``switch`` on device), so padding costs at most about half of
-    that batch. Each shape compiles the step again, so the engine uses the second
-    one only where it saves enough compute (:func:`bucket_gain`).
+    A client's last batch runs with the smallest chosen shape that holds its real
+    examples (a ``switch`` on device). Each shape compiles the step again, so the
+    engine keeps only those that save enough compute (:func:`choose_buckets`).
     """
-    return tuple(sorted({int(batch_size), -(-int(batch_size) // 2)}))
+    return tuple(sorted({-(-int(batch_size) // 2**k) for k in range(4)}))
 
 
-def bucket_gain(num_examples: np.ndarray, spec: BatchSpec) -> float:
-    """Relative compute a single lane saves when last partial batches run in the smaller of
-    :func:`partial_batch_buckets` (0.02: 2 % fewer example-steps), over clients of these sizes."""
+def _bucket_cost(num_examples: np.ndarray, spec: BatchSpec, buckets: Sequence[int]) -> int:
+    """Example-steps computed for clients of these sizes when last batches use ``buckets``."""
     n = np.asarray(num_examples, np.int64)
     B, steps = int(spec.batch_size), spec.steps(n)
     last = spec.examples_seen(n) - np.maximum(steps - 1, 0) * B  # real examples in the last batch
-    small = min(partial_batch_buckets(B))
-    full = steps * B
-    bucketed = np.where(steps > 0, (steps - 1) * B + np.where(last <= small, small, B), 0)
-    return float(full.sum() / max(bucketed.sum(), 1) - 1.0)
+    shapes = np.asarray(sorted(set(buckets) | {B}))
+    return int(np.where(steps > 0, (steps - 1) * B + shapes[np.searchsorted(shapes, last)], 0).sum())
+
+
+def choose_buckets(num_examples: np.ndarray, spec: BatchSpec, min_gain: float = 0.03) -> tuple[int, ...]:
+    """The partial-batch shapes worth compiling for this population: from the largest, each smaller
+    shape of :func:`partial_batch_buckets` is kept when it cuts the compute by ``min_gain`` (0.03:
+    3 %); ``()`` when none is (every step runs full batches)."""
+    chosen = [int(spec.batch_size)]
+    for shape in sorted(partial_batch_buckets(spec.batch_size), reverse=True)[1:]:
+        if _bucket_cost(num_examples, spec, chosen) >= (1 + min_gain) * _bucket_cost(num_examples, spec,
+                                                                                      chosen + [shape]):
+            chosen.append(shape)
+    return tuple(sorted(chosen)) if len(chosen) > 1 else ()
 
 
 def prepass_steps(num_examples: np.ndarray | int, batch_size: int) -> np.ndarray:
@@ -95,13 +103,14 @@ def prepass_steps(num_examples: np.ndarray | int, batch_size: int) -> np.ndarray
 class Layout(NamedTuple):
     """Fixed shapes of a round: ``lanes`` lanes of ``slots`` clients, ``capacity`` training steps and
     ``prepass_capacity`` prepass batches per lane. ``bucketed``: lanes run one at a time on their
-    device, so partial batches use :func:`partial_batch_buckets`."""
+    device, so last partial batches may use the smaller shapes ``buckets`` (``()``: full batches)."""
 
     lanes: int
     slots: int
     capacity: int
     prepass_capacity: int = 0
     bucketed: bool = False
+    buckets: tuple[int, ...] = ()
 
 
 def lockstep_efficiency(steps: Sequence[int], lanes: int) -> float:
@@ -129,7 +138,8 @@ def choose_lanes(step_counts: np.ndarray, clients_per_round: int, max_lanes: int
 
 
 def make_layout(step_counts: np.ndarray, clients_per_round: int, lanes: int, *, exact_lanes: bool = False,
-                bucketed: bool = False, worst_case: bool = False, prepass_counts: np.ndarray | None = None) -> Layout:
+                bucketed: bool = False, worst_case: bool = False, prepass_counts: np.ndarray | None = None,
+                buckets: tuple[int, ...] = ()) -> Layout:
     """Fixed shapes for every cohort of ``clients_per_round`` clients of this population.
 
     A lane's capacity is the smaller of the worst case (the ``slots`` largest clients in one lane)
@@ -147,7 +157,7 @@ def make_layout(step_counts: np.ndarray, clients_per_round: int, lanes: int, *, 
         return max(1, worst if worst_case else min(worst, likely_lane_load(counts, clients_per_round, lanes)))
 
     pre = 0 if prepass_counts is None else capacity(prepass_counts)
-    return Layout(lanes, slots, capacity(step_counts), pre, bool(bucketed))
+    return Layout(lanes, slots, capacity(step_counts), pre, bool(bucketed), tuple(buckets) if bucketed else ())
 
 
 def likely_lane_load(step_counts: np.ndarray, clients_per_round: int, lanes: int) -> int:
@@ -299,7 +309,7 @@ def build_round(
     pre_features = {k: np.zeros((L, P, B) + s.shape, s.dtype) for k, s in specs.items()} if P else {}
     pre_mask = np.zeros((L, P, B), np.float32)
     bucket = np.zeros((L, T), np.int32)
-    buckets = np.asarray(partial_batch_buckets(B) if layout.bucketed else (B,))
+    buckets = np.asarray(sorted(set(layout.buckets) | {B}))
     start, count = np.zeros((L, S), np.int32), np.zeros((L, S), np.int32)
     pre_start, pre_count = np.zeros((L, S), np.int32), np.zeros((L, S), np.int32)
     weights = np.zeros((L, S), np.float32)

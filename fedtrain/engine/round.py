@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from fedtrain.aggregators import global_norm
 from fedtrain.algorithms.base import SIGNATURES, Algorithm, Context
-from fedtrain.engine.plan import RoundArrays, partial_batch_buckets
+from fedtrain.engine.plan import RoundArrays
 from fedtrain.models.adapter import MASK_KEY
 
 PyTree = Any
@@ -100,9 +100,9 @@ class ClientRound:
     ``loop(n, body, init)`` runs the loops (``fori_loop`` when compiled, a Python loop for ``debug``).
     """
 
-    def __init__(self, algorithm: Algorithm, bucketed: bool, batch_size: int, loop=fori):
+    def __init__(self, algorithm: Algorithm, buckets: tuple[int, ...], batch_size: int, loop=fori):
         self.alg, self.call, self.loop = algorithm, Calls(algorithm), loop
-        self.sizes = partial_batch_buckets(batch_size) if bucketed else ()
+        self.sizes = tuple(sorted(set(buckets) | {int(batch_size)})) if buckets else ()
 
     def prepass(self, a: RoundArrays, start, count, ctx: Context):
         """The prepass sums over one client's prepass batches (zeros for an empty slot)."""
@@ -153,10 +153,10 @@ def _masked(real, tree):
     return jax.tree.map(lambda x: jnp.where(real, x, jnp.zeros_like(x)), tree)
 
 
-def make_lane_fn(algorithm: Algorithm, bucketed: bool, batch_size: int):
+def make_lane_fn(algorithm: Algorithm, buckets: tuple[int, ...], batch_size: int):
     """``lane(arrays, client_states, ctx, train_key, contrib_key, agg_state) -> (summed, SlotOutputs)``
     for one lane: a scan over its slots. ``summed = ((part, sides), stats, clients)``."""
-    client = ClientRound(algorithm, bucketed, batch_size)
+    client = ClientRound(algorithm, buckets, batch_size)
     agg = algorithm.aggregator
 
     def lane(a: RoundArrays, client_states, ctx: Context, train_key, contrib_key, agg_state):
@@ -183,7 +183,7 @@ def make_lane_fn(algorithm: Algorithm, bucketed: bool, batch_size: int):
 
 def make_cohort_prepass_fn(algorithm: Algorithm, batch_size: int):
     """``lane(arrays, ctx, train_key) -> the prepass sums of the lane's clients``."""
-    client = ClientRound(algorithm, False, batch_size)
+    client = ClientRound(algorithm, (), batch_size)
 
     def lane(a: RoundArrays, ctx: Context, train_key):
         def one(total, slot):
@@ -255,13 +255,13 @@ def map_lanes(mesh=None, group: int | None = None):
     return sharded
 
 
-def make_round_fn(algorithm: Algorithm, ctx: Context, *, bucketed: bool, batch_size: int, mesh=None,
+def make_round_fn(algorithm: Algorithm, ctx: Context, *, buckets: tuple[int, ...], batch_size: int, mesh=None,
                   lane_group: int | None = None, on_trace=None):
     """``round_fn(server_state, agg_state, client_hparams, client_states, arrays, round_key_data, round_index)
     -> RoundOutputs``: the whole round (``round_key_data``: ``jax.random.key_data`` of the round's key).
     ``ctx`` holds the run's static facts."""
     calls = Calls(algorithm)
-    lane = make_lane_fn(algorithm, bucketed, batch_size)
+    lane = make_lane_fn(algorithm, buckets, batch_size)
     run_lanes = map_lanes(mesh, lane_group)
     cohort_prepass = algorithm.prepass is not None and algorithm.prepass.cohort is not None
     pre_lane = make_cohort_prepass_fn(algorithm, batch_size) if cohort_prepass else None
