@@ -198,7 +198,7 @@ class Engine:
             loads = lane_loads(run.population.steps[cohort], layout.lanes)
             pre = prepass_steps(run.population.sizes[cohort], run.spec.batch_size)
             pre_loads = lane_loads(pre, layout.lanes) if layout.prepass_capacity else np.zeros(1)
-            if loads.max() > layout.capacity or pre_loads.max() > layout.prepass_capacity and layout.prepass_capacity:
+            if loads.max() > layout.capacity or (layout.prepass_capacity and pre_loads.max() > layout.prepass_capacity):
                 layout = self._layouts(int(clients_per_round), True)
         return layout
 

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedtrain.aggregators import global_norm
 from fedtrain.algorithms.base import Algorithm, Context
 from fedtrain.engine.plan import RoundInput
 from fedtrain.engine.round import (ClientRound, RoundOutputs, SlotOutputs, finish_round, make_cohort_prepass_fn,
@@ -51,7 +52,7 @@ def run_round_debug(algorithm: Algorithm, ctx: Context, server_state, agg_state,
             part, sides = agg.contribution(out.update, out.weight, jax.random.fold_in(contrib_key, pos), agg_state)
             summed = ((() if agg.gathers else part, sides), out.stats, jnp.float32(1))
             total = summed if total is None else jax.tree.map(jnp.add, total, summed)
-            rows.append(SlotOutputs(sums, jnp.float32(0) + _norm(out.update), out.metrics, out.client_state,
+            rows.append(SlotOutputs(sums, global_norm(out.update), out.metrics, out.client_state,
                                     part if agg.gathers else ()))
     real = [r for r in rows if r is not None]
     if not real:
@@ -66,12 +67,6 @@ def run_round_debug(algorithm: Algorithm, ctx: Context, server_state, agg_state,
         filled.append(r)
     return finish_round(algorithm, server_state, agg_state, total, _stack(filled, lanes, slots),
                         c._replace(rng=server_key))
-
-
-def _norm(tree) -> jax.Array:
-    from fedtrain.aggregators import global_norm
-
-    return global_norm(tree)
 
 
 def _checked_loop(where: str):
