@@ -21,10 +21,15 @@ MetricFn = Callable[[Batch, jax.Array], tuple[jax.Array, jax.Array]]
 
 
 class Metric(NamedTuple):
-    """A named metric: ``fn(batch, logits) -> (values, weights)``."""
+    """A named metric: ``fn(batch, logits) -> (values, weights)``.
+
+    ``class_labels`` names the batch feature holding integer class ids that index the logits'
+    last axis (``None`` when the metric has none); the trainer checks their range before training.
+    """
 
     name: str
     fn: MetricFn
+    class_labels: str | None = None
 
 
 def _ones_like_labels(labels: jax.Array) -> jax.Array:
@@ -39,7 +44,7 @@ def sparse_categorical_crossentropy(label_key: str = "y") -> Metric:
         values = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
         return values, _ones_like_labels(labels)
 
-    return Metric("loss", fn)
+    return Metric("loss", fn, label_key)
 
 
 def accuracy(label_key: str = "y", name: str = "accuracy") -> Metric:
@@ -49,7 +54,7 @@ def accuracy(label_key: str = "y", name: str = "accuracy") -> Metric:
         labels = batch[label_key]
         return (jnp.argmax(logits, -1) == labels).astype(jnp.float32), _ones_like_labels(labels)
 
-    return Metric(name, fn)
+    return Metric(name, fn, label_key)
 
 
 def _token_weights(labels: jax.Array, pad_id: int | None, exclude_ids: tuple[int, ...]) -> jax.Array:
@@ -69,7 +74,7 @@ def sequence_crossentropy(pad_id: int = 0, label_key: str = "y") -> Metric:
         values = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
         return values, _token_weights(labels, pad_id, ())
 
-    return Metric("loss", fn)
+    return Metric("loss", fn, label_key)
 
 
 def sequence_accuracy(
@@ -93,7 +98,7 @@ def sequence_accuracy(
         correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
         return correct, _token_weights(labels, pad_id, () if eos_id is None else (eos_id,))
 
-    return Metric(name or ("accuracy" if eos_id is None else "accuracy_no_eos"), fn)
+    return Metric(name or ("accuracy" if eos_id is None else "accuracy_no_eos"), fn, label_key)
 
 
 _BY_NAME: dict[str, Callable[[], Metric]] = {

@@ -68,7 +68,7 @@ def from_nnx(
 
     loss_metric = metrics_lib.get(loss if loss is not None else "sparse_categorical_crossentropy")
     if loss_metric.name != "loss":
-        loss_metric = metrics_lib.Metric("loss", loss_metric.fn)
+        loss_metric = loss_metric._replace(name="loss")
     metric_list = tuple(metrics_lib.get(m) for m in (metrics if metrics is not None else ["accuracy"]))
     names = [m.name for m in metric_list]
     if "loss" in names or len(set(names)) != len(names):
