@@ -119,3 +119,44 @@ def test_tf_example_round_trip_and_wire_format():
     assert list(parse_example(unpacked)["y"][1]) == [5, 300]
     with pytest.raises(ExampleParseError):
         parse_example(blob[:-3])
+
+
+def test_object_array_codec_round_trip_without_pickle():
+    ragged = np.empty(3, dtype=object)
+    ragged[:] = [np.arange(3, dtype=np.int16), np.zeros((0, 2)), np.array([1.5], np.float32)]
+    mixed = np.array([[b"\xff", "t\u00e9xt"], [None, 3], [2.5, True]], dtype=object)
+    for arr in (ragged, mixed, np.empty((0, 4), dtype=object), np.array([np.str_("a"), np.bytes_(b"b")], object)):
+        back = codec.decode_object_array(codec.encode_object_array(arr))
+        assert back.dtype == object and back.shape == arr.shape
+        for a, b in zip(back.ravel(), arr.ravel()):
+            if isinstance(b, np.ndarray):
+                assert a.dtype == b.dtype and np.array_equal(a, b)
+            else:
+                assert a == b and type(a) is type(b.item() if isinstance(b, (np.str_, np.bytes_)) else b)
+    with pytest.raises(codec.CodecError, match="without pickle"):
+        codec.encode_object_array(np.array([{1, 2}], dtype=object))
+    with pytest.raises(codec.CodecError, match="dtype=object"):
+        codec.encode_object_array(np.arange(3))
+
+
+def test_declared_shapes_and_dtypes_are_checked_before_use():
+    def blob(ext):
+        return msgpack.packb({"x": ext})
+
+    def nd(shape, dtype, buffer):
+        return msgpack.ExtType(1, msgpack.packb((shape, dtype, buffer), use_bin_type=True))
+
+    for ext, match in [(nd([3], "int32", b"\x00" * 8), r"declares shape \(3,\) of int32 \(12 bytes\) but holds 8"),
+                       (nd([2**40, 2**40], "uint8", b""), "declares shape"),
+                       (nd([2], "O", b"\x00" * 16), "holds Python objects"),
+                       (nd([1], "i4,O", b"\x00" * 12), "holds Python objects"),
+                       (nd([1], "no such dtype", b""), "unknown dtype name"),
+                       (nd("12", "int32", b"\x00" * 8), "not a list of non-negative ints"),
+                       (msgpack.ExtType(4, msgpack.packb(([3], [b"a", b"b"]))), "holds 3 items but the data holds 2"),
+                       (msgpack.ExtType(4, msgpack.packb(([1], [[b"a"]]))), "must hold a list of bytes")]:
+        with pytest.raises(codec.CodecError, match=match):
+            codec.msgpack_deserialize(blob(ext))
+    for bad in (b"\xc1", msgpack.packb([1]), msgpack.packb({"shape": [3], "items": [1]}),
+                msgpack.packb({"shape": [1], "items": [1], "extra": 0})):
+        with pytest.raises(codec.CodecError):
+            codec.decode_object_array(bad)

@@ -179,3 +179,29 @@ def test_synthetic_stackoverflow_never_targets_bos():
     for cid in data.client_ids[:20]:
         ex = data.get_client(cid)
         assert not np.any(ex["y"] == stackoverflow.BOS) and ex["y"].dtype == np.int32
+
+
+def test_mnist_pickle_loader_allows_arrays_only(tmp_path):
+    import os
+    import pickle
+
+    arrays = tuple((RNG.random((4, 784)).astype(np.float32), np.arange(4)) for _ in range(3))
+    back = emnist_like.load_mnist_pickle(pickle.dumps(arrays, protocol=4))
+    assert all(np.array_equal(a, b) for pair, orig in zip(back, arrays) for a, b in zip(pair, orig))
+    marker = tmp_path / "PWNED"
+
+    class System:
+        def __reduce__(self):
+            return os.system, (f"mkdir {marker}",)
+
+    class Eval:
+        def __reduce__(self):
+            return eval, (f"__import__('os').mkdir({str(marker)!r})",)
+
+    for payload, name in ((System(), r"(posix|os|nt)\.system"), (Eval(), r"(builtins|__builtin__)\.eval")):
+        for protocol in (0, 2, 4):
+            with pytest.raises(ValueError, match=f"refusing to load global .*{name}"):
+                emnist_like.load_mnist_pickle(pickle.dumps(((payload, 1), (2, 3), (4, 5)), protocol=protocol))
+            assert not marker.exists()
+    with pytest.raises(ValueError, match="three .images, labels. pairs"):
+        emnist_like.load_mnist_pickle(pickle.dumps([1, 2, 3]))

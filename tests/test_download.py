@@ -125,3 +125,42 @@ def test_data_dir_env(tmp_path, monkeypatch):
     assert data_dir() == str(tmp_path / "cache") and os.path.isdir(tmp_path / "cache")
     monkeypatch.delenv("FEDTRAIN_DATA_DIR")
     assert data_dir().endswith(os.path.join(".cache", "fedtrain"))
+
+
+def _tar(path, members):
+    """A .tar.bz2 of ``(TarInfo fields, data)`` members."""
+    import io
+    import tarfile
+    with tarfile.open(path, "w:bz2") as tar:
+        for fields, data in members:
+            info = tarfile.TarInfo(fields.pop("name"))
+            for k, v in fields.items():
+                setattr(info, k, v)
+            info.size = len(data) if info.isfile() else 0
+            tar.addfile(info, io.BytesIO(data) if info.isfile() else None)
+    return str(path)
+
+
+def test_extract_member_writes_only_dest_and_refuses_links(tmp_path):
+    import tarfile
+
+    from fedtrain.data.download import extract_member, fetch_member
+    out = tmp_path / "cache"
+    out.mkdir()
+    # A member whose own path climbs out of the folder: only its bytes are copied, to dest.
+    archive = _tar(tmp_path / "a.tar.bz2", [({"name": "../../escape/data.h5"}, b"payload")])
+    dest = extract_member(archive, "data.h5", str(out / "data.h5"))
+    with open(dest, "rb") as f:
+        assert f.read() == b"payload"
+    assert not (tmp_path.parent / "escape").exists() and sorted(os.listdir(out)) == ["data.h5"]
+    # Links are refused, not followed (a symlink to /etc/passwd, a hard link to another member).
+    for kind, target in ((tarfile.SYMTYPE, "/etc/passwd"), (tarfile.LNKTYPE, "other")):
+        link = {"name": "d/data.h5", "type": kind, "linkname": target}
+        archive = _tar(tmp_path / f"l{kind!r}.tar.bz2", [({"name": "other"}, b"x"), (link, b"")])
+        with pytest.raises(DownloadError, match="not a regular file; it is not followed"):
+            extract_member(archive, "data.h5", str(out / f"link{kind!r}.h5"))
+        assert not os.path.exists(out / f"link{kind!r}.h5") and not os.path.exists(out / f"link{kind!r}.h5.partial")
+    # The member name picks the cache file, so it cannot leave the cache folder.
+    for bad in ("../x.h5", "/abs/x.h5", "a/../../x.h5", ""):
+        with pytest.raises(ValueError, match="relative path without '..'"):
+            fetch_member(Remote("http://127.0.0.1:9/a.tar.bz2", "a.tar.bz2"), bad, cache_dir=out, progress=False)

@@ -247,3 +247,65 @@ def test_in_memory_is_a_store_too(clients):
 def open_bytes(path):
     with open(path, "rb") as f:
         return f.read()
+
+
+# -- npz: every feature kind, without pickle --------------------------------------------------
+
+
+def test_npz_round_trips_every_feature_kind(tmp_path):
+    from fedtrain.data import load_npz, save_npz
+    ragged = np.empty(3, dtype=object)
+    ragged[:] = [np.arange(2, dtype=np.int32), np.zeros(0, np.int32), np.arange(5, dtype=np.int32)]
+    grid = np.empty((2, 2), dtype=object)
+    grid[:] = [[b"a", "b"], [None, 7]]
+    clients = {
+        "plain": {"x": np.arange(6, dtype=np.float32).reshape(3, 2), "y": np.array([1, 2, 3], np.int64),
+                  "flag": np.array([True, False, True]), "f16": np.ones((3, 1), np.float16),
+                  "fortran": np.asfortranarray(np.arange(12.0).reshape(3, 4))},
+        "text \u00e9\u4e2d \udcff": {"u": np.array(["one", "\u00e9t\u00e9", ""]), "s": np.array([b"a", b"\x00b", b""]),
+                                     "tokens": np.array([b"\xff raw", b"", b"line\n"], dtype=object),
+                                     "words": np.array(["x", "\u4e2d\u6587", ""], dtype=object)},
+        "ragged": {"seq": ragged, "label": np.arange(3)},
+        "grid": {"cells": grid},
+    }
+    path = save_npz(InMemoryFederatedData(clients), tmp_path / "all.npz")
+    back = load_npz(path)
+    assert back.client_ids == list(clients)
+    for cid, ex in clients.items():
+        got = back.get_client(cid)
+        assert got.keys() == ex.keys()
+        for k, v in ex.items():
+            assert got[k].dtype == v.dtype and got[k].shape == v.shape, (cid, k)
+            if v.dtype == object:
+                for a, b in zip(got[k].ravel(), v.ravel()):
+                    assert type(a) is type(b) and (np.array_equal(a, b) if isinstance(b, np.ndarray) else a == b)
+            else:
+                assert np.array_equal(got[k], v), (cid, k)
+    import zipfile
+    with zipfile.ZipFile(path) as z:  # plain arrays only: numpy reads every member with allow_pickle=False
+        assert "__fedtrain__.npy" in z.namelist()
+    with np.load(path, allow_pickle=False) as z:
+        assert all(z[k].dtype != object for k in z.files)
+    with pytest.raises(ValueError, match="cannot be stored without pickle"):
+        save_npz(InMemoryFederatedData({"c": {"o": np.array([object()], dtype=object)}}), tmp_path / "o.npz")
+
+
+def test_npz_written_by_old_fedtrain_is_refused_with_the_fix(tmp_path):
+    import zipfile
+    path = tmp_path / "old.npz"
+    with zipfile.ZipFile(path, "w") as z:  # what fedtrain 0.1 wrote: ids as an object array
+        with z.open("__client_ids__.npy", "w") as f:
+            np.save(f, np.array(["a"], dtype=object), allow_pickle=True)
+        with z.open("0/x.npy", "w") as f:
+            np.save(f, np.arange(3))
+    with pytest.raises(StoreError, match=r"member __client_ids__ is a pickled object array; fedtrain never "
+                                         r"unpickles files\. Re-write it with fedtrain >= 0\.2 "
+                                         r"\(`fedtrain data convert`\)"):
+        open_store(path)
+    with zipfile.ZipFile(tmp_path / "plain_ids.npz", "w") as z:  # a string-array id list reads fine
+        with z.open("__client_ids__.npy", "w") as f:
+            np.save(f, np.array(["a", "b"]))
+        for i in range(2):
+            with z.open(f"{i}/x.npy", "w") as f:
+                np.save(f, np.arange(i + 1))
+    assert open_store(tmp_path / "plain_ids.npz").client_sizes().tolist() == [1, 2]

@@ -13,10 +13,17 @@ extension types, then ``zlib``-compressed in the SQLite ``data`` column:
 Encoding the same dict gives the same bytes as FedJAX, and FedJAX's reader
 decodes what this module writes. Arrays are written little-endian (FedJAX
 stores only the dtype name, so big-endian input is converted first).
+
+Decoding never unpickles: object arrays are built from msgpack values, and an
+ndarray's declared shape and dtype must match its buffer before it is viewed.
+``encode_object_array``/``decode_object_array`` store any object array of
+msgpack-able items (bytes, str, numbers, None, ndarrays) the same way; the npz
+format uses them for ragged and variable-length features.
 """
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Mapping
 
@@ -39,9 +46,23 @@ def _dtype_from_name(name: bytes) -> np.dtype:
 
         return np.dtype(ml_dtypes.bfloat16)
     try:
-        return np.dtype(name.decode("ascii"))
-    except (TypeError, UnicodeDecodeError) as err:
+        dtype = np.dtype(name.decode("ascii"))
+    except (AttributeError, TypeError, ValueError, UnicodeDecodeError) as err:
         raise CodecError(f"unknown dtype name {name!r} in an ndarray extension") from err
+    if dtype.hasobject:
+        raise CodecError(f"dtype {name!r} in an ndarray extension holds Python objects; only numeric dtypes are "
+                         "read (object arrays use extension 4)")
+    return dtype
+
+
+def _checked_shape(shape, count: int | None, what: str) -> tuple[int, ...]:
+    """``shape`` as a tuple of ints, which must be non-negative and (if ``count`` is known) hold ``count`` items."""
+    if not isinstance(shape, (list, tuple)) or not all(type(d) is int and d >= 0 for d in shape):
+        raise CodecError(f"{what}: shape {shape!r} is not a list of non-negative ints")
+    shape = tuple(shape)
+    if count is not None and math.prod(shape) != count:
+        raise CodecError(f"{what}: shape {shape} holds {math.prod(shape)} items but the data holds {count}")
+    return shape
 
 
 def _ndarray_to_bytes(arr: np.ndarray) -> bytes:
@@ -58,7 +79,14 @@ def _ndarray_to_bytes(arr: np.ndarray) -> bytes:
 
 def _ndarray_from_bytes(data: bytes) -> np.ndarray:
     shape, dtype_name, buffer = msgpack.unpackb(data, raw=True)
-    return np.frombuffer(buffer, dtype=_dtype_from_name(dtype_name)).reshape(shape, order="C")
+    dtype = _dtype_from_name(dtype_name)
+    if not isinstance(buffer, bytes):
+        raise CodecError(f"ndarray extension holds a {type(buffer).__name__} where its bytes belong")
+    shape = _checked_shape(shape, None, "ndarray extension")
+    if math.prod(shape) * dtype.itemsize != len(buffer):
+        raise CodecError(f"ndarray extension declares shape {shape} of {dtype} "
+                         f"({math.prod(shape) * dtype.itemsize} bytes) but holds {len(buffer)} bytes")
+    return np.frombuffer(buffer, dtype=dtype).reshape(shape, order="C")
 
 
 def _bytes_ndarray_to_bytes(arr: np.ndarray) -> bytes:
@@ -72,8 +100,15 @@ def _bytes_ndarray_to_bytes(arr: np.ndarray) -> bytes:
 
 def _object_ndarray_from_bytes(data: bytes) -> np.ndarray:
     shape, flat = msgpack.unpackb(data, raw=True)
-    out = np.empty(len(flat), dtype=object)
-    out[:] = flat
+    if not isinstance(flat, list) or not all(isinstance(v, bytes) for v in flat):
+        raise CodecError("a bytes-array extension must hold a list of bytes")
+    return _object_array(flat, _checked_shape(shape, len(flat), "bytes-array extension"))
+
+
+def _object_array(items: list, shape: tuple[int, ...]) -> np.ndarray:
+    out = np.empty(len(items), dtype=object)
+    for i, v in enumerate(items):  # item by item: numpy must not broadcast list or array items
+        out[i] = v
     return out.reshape(shape)
 
 
@@ -100,6 +135,38 @@ def _ext_unpack(code: int, data: bytes):
     if code == EXT_BYTES_NDARRAY:
         return _object_ndarray_from_bytes(data)
     return msgpack.ExtType(code, data)
+
+
+def _plain_item(v):
+    if isinstance(v, np.str_):
+        return str(v)
+    if isinstance(v, np.bytes_):
+        return bytes(v)
+    return v
+
+
+def encode_object_array(arr: np.ndarray) -> bytes:
+    """msgpack bytes of an object array of bytes, str, numbers, None or ndarrays (e.g. ragged sequences)."""
+    arr = np.asarray(arr)
+    if arr.dtype != object:
+        raise CodecError(f"encode_object_array takes dtype=object arrays, got {arr.dtype}")
+    items = [_plain_item(v) for v in arr.ravel(order="C").tolist()]
+    try:
+        return msgpack_serialize({"shape": list(arr.shape), "items": items})
+    except (OverflowError, TypeError, ValueError) as err:
+        raise CodecError(f"an object array holds a value that cannot be stored without pickle ({err}); "
+                         "use bytes, str, int, float, None or numeric arrays as items.") from err
+
+
+def decode_object_array(blob: bytes) -> np.ndarray:
+    """Inverse of ``encode_object_array``; raises ``CodecError`` on a corrupt blob."""
+    try:
+        tree = msgpack_deserialize(bytes(blob))
+    except (ValueError, TypeError, msgpack.UnpackException) as err:
+        raise CodecError(f"corrupt object-array blob ({type(err).__name__}: {err})") from err
+    if not isinstance(tree, dict) or set(tree) != {"shape", "items"} or not isinstance(tree["items"], list):
+        raise CodecError("an object-array blob must hold {'shape': [...], 'items': [...]}")
+    return _object_array(tree["items"], _checked_shape(tree["shape"], len(tree["items"]), "object-array blob"))
 
 
 def msgpack_serialize(tree) -> bytes:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import zipfile
+import zlib
 from collections.abc import Mapping
 
 import numpy as np
 
+from fedtrain.data.codec import CodecError, decode_object_array, encode_object_array
 from fedtrain.data.federated_data import InMemoryFederatedData
 from fedtrain.data.fedjax_sqlite import FedjaxSQLiteData, sqlite_tables, write_fedjax_sqlite
 from fedtrain.data.store import StoreError
@@ -66,32 +71,164 @@ def open_store(path: str | os.PathLike, *, split: str | None = None, features=No
     return load_npz(path)
 
 
+NPZ_HEADER = "__fedtrain__"
+NPZ_VERSION = 2
+OBJECT_ENCODING = "msgpack-object"
+_MAX_DEFLATE_RATIO = 1100  # deflate cannot expand data more than ~1032x
+_REWRITE = ("fedtrain never unpickles files. Re-write it with fedtrain >= 0.2 (`fedtrain data convert`) "
+            "from the original source.")
+
+
 def save_npz(data, path: str | os.PathLike) -> str:
-    """Saves all clients in one ``.npz`` (``<client_index>/<feature>`` plus ``__client_ids__``); small data only."""
+    """Saves all clients in one ``.npz``; small data only.
+
+    Members: ``<client_index>/<feature>`` arrays, and ``__fedtrain__``, uint8 JSON
+    ``{"format": "fedtrain-npz", "version": 2, "client_ids": [...], "encoded": {member: "msgpack-object"}}``.
+    Object arrays (ragged or variable-length features) are stored as uint8 msgpack
+    blobs (``codec.encode_object_array``) named in ``encoded``, so the file holds no
+    pickle and ``load_npz`` never unpickles.
+    """
     ids = list(data.client_ids)
-    arrays = {"__client_ids__": np.array(ids, dtype=object)}
+    arrays, encoded = {}, {}
     for i, cid in enumerate(ids):
         for k, v in data.get_client(cid).items():
-            arrays[f"{i}/{k}"] = np.asarray(v)
+            key, arr = f"{i}/{k}", np.asarray(v)
+            if arr.dtype == object:
+                try:
+                    arr = np.frombuffer(encode_object_array(arr), np.uint8)
+                except CodecError as err:
+                    raise ValueError(f"client {cid!r}, feature {k!r}: {err}") from None
+                encoded[key] = OBJECT_ENCODING
+            elif arr.dtype.hasobject:
+                raise ValueError(f"client {cid!r}, feature {k!r}: dtype {arr.dtype} has object fields, which an npz "
+                                 "can only hold pickled; use plain numeric or object arrays.")
+            arrays[key] = arr
+    header = {"format": "fedtrain-npz", "version": NPZ_VERSION, "client_ids": [str(c) for c in ids],
+              "encoded": encoded}
+    arrays[NPZ_HEADER] = np.frombuffer(json.dumps(header).encode("utf-8"), np.uint8)
     with open(path, "wb") as f:
         np.savez_compressed(f, **arrays)
     return os.fspath(path)
 
 
-def load_npz(path: str | os.PathLike) -> InMemoryFederatedData:
-    """Inverse of ``save_npz`` (loads into memory)."""
+def _read_npy_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: str, archive_size: int) -> np.ndarray:
+    """One ``.npy`` member, without pickle and without trusting its declared shape.
+
+    The header is checked before anything is allocated: no object dtype, and the
+    declared shape must match the member's size, which must fit the archive.
+    """
+    name = info.filename[:-4]
+    if info.flag_bits & 0x1:
+        raise StoreError(f"{path}: member {name} is encrypted; fedtrain reads plain npz files only.")
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        raise StoreError(f"{path}: member {name} uses zip compression method {info.compress_type}; numpy writes "
+                         "stored or deflated members only.")
+    if info.header_offset + info.compress_size > archive_size or (
+            info.compress_type == zipfile.ZIP_STORED and info.compress_size != info.file_size) or (
+            info.file_size > _MAX_DEFLATE_RATIO * info.compress_size + (1 << 20)):
+        raise StoreError(f"{path}: member {name} declares {info.file_size} bytes from {info.compress_size} stored "
+                         "bytes, which the archive cannot hold; the file is corrupt or crafted.")
+    fmt = np.lib.format
+    with zf.open(info) as f:
+        version = fmt.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = fmt.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, fortran, dtype = fmt.read_array_header_2_0(f)
+        else:
+            raise StoreError(f"{path}: member {name} is in .npy format {version}; fedtrain reads 1.0 and 2.0.")
+        if dtype.hasobject:
+            raise StoreError(f"{path}: member {name} is a pickled object array; {_REWRITE}")
+        count = math.prod(shape)
+        nbytes = count * dtype.itemsize
+        if info.file_size - f.tell() != nbytes:
+            raise StoreError(f"{path}: member {name} declares shape {tuple(shape)} of {dtype} ({nbytes} bytes) but "
+                             f"holds {info.file_size - f.tell()} bytes; the file is corrupt or truncated.")
+        arr = np.empty(count, dtype)
+        if nbytes:
+            buf, pos = arr.view(np.uint8), 0
+            while pos < nbytes:
+                chunk = f.read(min(1 << 22, nbytes - pos))
+                if not chunk:
+                    raise StoreError(f"{path}: member {name} is truncated; the file is corrupt.")
+                buf[pos:pos + len(chunk)] = np.frombuffer(chunk, np.uint8)
+                pos += len(chunk)
+    if fortran:
+        return arr.reshape(shape[::-1]).transpose()
+    return arr.reshape(shape)
+
+
+def load_npz_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """``{name: array}`` of any ``.npz`` of plain arrays, read without pickle (``StoreError`` if it holds one)."""
+    path = os.fspath(path)
     try:
-        with np.load(path, allow_pickle=True) as z:
-            ids = list(z["__client_ids__"])
-            clients = {str(c): {} for c in ids}
-            for key in z.files:
-                if key == "__client_ids__":
-                    continue
-                i, feature = key.split("/", 1)
-                clients[str(ids[int(i)])][feature] = z[key]
-    except (KeyError, ValueError, OSError) as err:
-        raise StoreError(f"{path} is not an npz written by fedtrain ({err}).") from err
-    return InMemoryFederatedData(clients)
+        size = os.path.getsize(path)
+        with zipfile.ZipFile(path) as zf:
+            out = {}
+            for info in zf.infolist():
+                if not info.filename.endswith(".npy"):
+                    raise StoreError(f"{path}: member {info.filename!r} is not an .npy array; this is not an npz "
+                                     "file.")
+                out[info.filename[:-4]] = _read_npy_member(zf, info, path, size)
+            return out
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as err:
+        if isinstance(err, StoreError):
+            raise
+        raise StoreError(f"{path} is not a readable npz file ({type(err).__name__}: {err}); it is corrupt or "
+                         "truncated.") from err
+
+
+def _npz_header(arrays: dict, path: str) -> tuple[list[str], dict]:
+    if NPZ_HEADER not in arrays:
+        if "__client_ids__" in arrays:  # fedtrain < 0.2 wrote the ids as an object array; a plain one is fine
+            ids = arrays.pop("__client_ids__")
+            if ids.ndim != 1 or ids.dtype.kind not in "US":
+                raise StoreError(f"{path}: member __client_ids__ is not a 1-d string array.")
+            return [str(c) for c in ids.tolist()], {}
+        raise StoreError(f"{path} has no member {NPZ_HEADER}; it is not an npz written by fedtrain (members: "
+                         f"{sorted(arrays)[:5]}).")
+    raw = arrays.pop(NPZ_HEADER)
+    try:
+        if raw.dtype != np.uint8 or raw.ndim != 1:
+            raise ValueError(f"dtype {raw.dtype}, {raw.ndim} dimensions")
+        header = json.loads(raw.tobytes().decode("utf-8"))
+        if not isinstance(header, dict) or header.get("format") != "fedtrain-npz":
+            raise ValueError("no 'format': 'fedtrain-npz'")
+    except (ValueError, UnicodeDecodeError) as err:
+        raise StoreError(f"{path}: member {NPZ_HEADER} is not fedtrain's JSON header ({err}).") from err
+    if header.get("version") != NPZ_VERSION:
+        raise StoreError(f"{path} is fedtrain npz version {header.get('version')!r}; this fedtrain reads version "
+                         f"{NPZ_VERSION}. Upgrade fedtrain, or convert the file with the version that wrote it.")
+    ids, encoded = header.get("client_ids"), header.get("encoded", {})
+    if not isinstance(ids, list) or not all(isinstance(c, str) for c in ids) or not isinstance(encoded, dict):
+        raise StoreError(f"{path}: the {NPZ_HEADER} header needs a list of string client_ids and a dict encoded.")
+    return ids, encoded
+
+
+def load_npz(path: str | os.PathLike) -> InMemoryFederatedData:
+    """Inverse of ``save_npz`` (loads into memory). Never unpickles: a pickled member raises ``StoreError``."""
+    path = os.fspath(path)
+    arrays = load_npz_arrays(path)
+    ids, encoded = _npz_header(arrays, path)
+    clients = {c: {} for c in ids}
+    for key, arr in arrays.items():
+        i, _, feature = key.partition("/")
+        if not (i.isdigit() and feature) or int(i) >= len(ids):
+            raise StoreError(f"{path}: member {key!r} is not <client index>/<feature> for one of the "
+                             f"{len(ids)} clients; it is not an npz written by fedtrain.")
+        enc = encoded.get(key)
+        if enc is not None:
+            if enc != OBJECT_ENCODING or arr.dtype != np.uint8 or arr.ndim != 1:
+                raise StoreError(f"{path}: member {key!r} is marked {enc!r} but is not a uint8 msgpack blob.")
+            try:
+                arr = decode_object_array(arr.tobytes())
+            except CodecError as err:
+                raise StoreError(f"{path}: member {key!r}: {err}; the file is corrupt.") from err
+        clients[ids[int(i)]][feature] = arr
+    try:
+        return InMemoryFederatedData(clients)
+    except ValueError as err:
+        raise StoreError(f"{path}: {err}") from err
 
 
 def to_memory(data) -> InMemoryFederatedData:

@@ -154,18 +154,37 @@ def lzma_decompress(path: str, dest: str | None = None) -> str:
     return dest
 
 
+def _check_member_name(member: str) -> None:
+    """``member`` names the cache file it is extracted to, so it must stay inside the cache folder."""
+    parts = member.replace("\\", "/").split("/")
+    if not member or os.path.isabs(member) or member.startswith(("/", "\\")) or ".." in parts or "" in parts:
+        raise ValueError(f"member name {member!r} must be a relative path without '..'; it names a file in the "
+                         "cache folder.")
+
+
 def extract_member(archive: str, member: str, dest: str) -> str:
-    """Extracts one file of a tar archive (``.tar.bz2`` etc.) to ``dest``, atomically; reuses it."""
+    """Extracts one file of a tar archive (``.tar.bz2`` etc.) to ``dest``, atomically; reuses it.
+
+    Only that member's bytes are copied, to ``dest``: the archive's own paths are never used to
+    write anything, and a member that is a link, device or folder is refused, not followed.
+    """
     if os.path.exists(dest):
         return dest
+    _check_member_name(member)
     partial = dest + ".partial"
     try:
         with tarfile.open(archive) as tar:
-            names = tar.getnames()
-            match = [n for n in names if n == member or n.endswith("/" + member)]
+            members = tar.getmembers()
+            match = [m for m in members if m.name == member or m.name.endswith("/" + member)]
             if not match:
-                raise DownloadError(f"{archive} has no member {member!r} (members: {names[:10]}).")
-            src = tar.extractfile(match[0])
+                raise DownloadError(f"{archive} has no member {member!r} (members: {[m.name for m in members[:10]]}).")
+            info = match[0]
+            if not info.isfile():
+                kind = ("symlink" if info.issym() else "hard link" if info.islnk() else "folder" if info.isdir()
+                        else "special file")
+                raise DownloadError(f"{archive}: member {info.name!r} is a {kind}, not a regular file; it is not "
+                                    "followed. The archive is not the expected one: delete it and download it again.")
+            src = tar.extractfile(info)
             with src, open(partial, "wb") as out:
                 shutil.copyfileobj(src, out, CHUNK)
     except (tarfile.TarError, EOFError, OSError) as err:
@@ -187,6 +206,7 @@ def fetch_lzma(remote: Remote, cache_dir=None, *, progress: bool = True) -> str:
 
 def fetch_member(remote: Remote, member: str, cache_dir=None, *, progress: bool = True) -> str:
     """One file of a tar download (reused if already extracted in the cache)."""
+    _check_member_name(member)
     dest = os.path.join(data_dir(cache_dir), member)
     if os.path.exists(dest):
         return dest

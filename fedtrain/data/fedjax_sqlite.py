@@ -78,6 +78,10 @@ class FedjaxSQLiteData(FileStore):
         except sqlite3.DatabaseError as err:
             raise StoreError(f"{self.path}: cannot read the client list ({err}); the file is corrupt or truncated: "
                              "download or convert it again.") from err
+        bad = [(k, n) for k, n in rows if type(n) is not int or n < 0]
+        if bad:
+            raise StoreError(f"{self.path}: client {key_to_id(bad[0][0])!r} has num_examples {bad[0][1]!r}; it must "
+                             "be a non-negative integer. The file is corrupt: download or convert it again.")
         self._ids = [key_to_id(k) for k, _ in rows]
         self._raw_sizes = {cid: int(n) for cid, (_, n) in zip(self._ids, rows)}
 
@@ -101,7 +105,10 @@ class FedjaxSQLiteData(FileStore):
         except CodecError as err:
             raise StoreError(f"{self.path}: client {client_id!r}: {err}; the file is corrupt: download or "
                              "convert it again.") from err
-        num_examples_of(examples, where=f"client {client_id!r} of {self.path}")
+        n = num_examples_of(examples, where=f"client {client_id!r} of {self.path}")
+        if n != self._raw_sizes[client_id]:
+            raise StoreError(f"{self.path}: client {client_id!r} holds {n} examples but its num_examples column says "
+                             f"{self._raw_sizes[client_id]}; the file is corrupt: download or convert it again.")
         return examples
 
 

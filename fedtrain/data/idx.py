@@ -7,6 +7,7 @@ dimension as a big-endian uint32; the data follows in C order, big-endian.
 from __future__ import annotations
 
 import gzip
+import math
 import os
 
 import numpy as np
@@ -27,9 +28,11 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in DTYPES:
         raise ValueError(f"{path} is not an idx file (header {raw[:4]!r}); expected MNIST-style *-ubyte data.")
     dtype, ndim = np.dtype(DTYPES[raw[2]]), raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise ValueError(f"{path}: the header of {ndim} dimensions is truncated; fetch the file again.")
     shape = tuple(int(d) for d in np.frombuffer(raw, ">u4", ndim, 4))
     start = 4 + 4 * ndim
-    need = int(np.prod(shape)) * dtype.itemsize
+    need = math.prod(shape) * dtype.itemsize  # exact: np.prod would wrap around for crafted huge shapes
     if len(raw) - start != need:
         raise ValueError(f"{path}: header says shape {shape} ({need} bytes) but {len(raw) - start} bytes follow; "
                          "the file is truncated or corrupt: fetch it again.")

@@ -75,6 +75,8 @@ def _decode_varints(payload: bytes) -> np.ndarray:
     group = np.concatenate([[0], np.cumsum(last[:-1])])
     starts = np.flatnonzero(np.concatenate([[True], last[:-1]]))
     pos = np.arange(b.size) - starts[group]
+    if pos.max() > 9:
+        raise ExampleParseError("varint longer than 10 bytes in a packed int64 list")
     parts = (b & 0x7F).astype(np.uint64) << (7 * pos).astype(np.uint64)
     out = np.zeros(int(last.sum()), np.uint64)
     np.bitwise_or.at(out, group, parts)
@@ -92,14 +94,22 @@ def _parse_feature(buf: bytes) -> tuple[int, object]:
         elif field == FLOAT:
             chunks = []
             for f, w, v in _fields(payload):
-                if f == 1:
-                    chunks.append(np.frombuffer(v if w == 2 else v, "<f4"))
+                if f != 1:
+                    continue
+                if w not in (2, 5):  # packed, or one fixed32
+                    raise ExampleParseError(f"float_list value with wire type {w}")
+                if len(v) % 4:
+                    raise ExampleParseError(f"float_list value with wire type {w} and {len(v)} bytes")
+                chunks.append(np.frombuffer(v, "<f4"))
             values = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
         else:
             chunks = []
             for f, w, v in _fields(payload):
-                if f == 1:
-                    chunks.append(_decode_varints(v) if w == 2 else np.array([v], np.uint64).view(np.int64))
+                if f != 1:
+                    continue
+                if w not in (0, 2):  # packed varints or one varint
+                    raise ExampleParseError(f"int64_list value with wire type {w}")
+                chunks.append(_decode_varints(v) if w == 2 else np.array([v], np.uint64).view(np.int64))
             values = np.concatenate(chunks) if chunks else np.zeros(0, np.int64)
     if kind is None:
         return FLOAT, np.zeros(0, np.float32)  # an empty Feature: no values

