@@ -6,7 +6,7 @@ client the model with the lowest loss on its selection data, then evaluates ever
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -72,11 +72,14 @@ class Evaluator:
         logits = self.model.apply(params, batch[self.model.input_key], None, False)
         return metric_sums(self.model, batch, logits)
 
-    def _totals(self, params, data: FederatedData, client_ids: Sequence[str], batch_size: int):
+    def _totals(self, params, data: FederatedData, client_ids: Sequence[str], batch_size: int,
+                progress: Callable[[int], None] | None = None):
         totals = None
         for batch, _ in _batches(data, client_ids, batch_size):
             sums = self._step(params, batch)
             totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+            if progress is not None:
+                progress(int(batch[MASK_KEY].sum()))
         return None if totals is None else jax.device_get(totals)
 
     @staticmethod
@@ -85,8 +88,11 @@ class Evaluator:
             raise ValueError("the evaluation data has no examples.")
         return {name: float(s) / float(c) if float(c) > 0 else float("nan") for name, (s, c) in totals.items()}
 
-    def evaluate(self, params, data: FederatedData, *, batch_size: int | None = None) -> dict[str, float]:
-        return self._means(self._totals(params, data, list(data.client_ids), int(batch_size or DEFAULT_BATCH_SIZE)))
+    def evaluate(self, params, data: FederatedData, *, batch_size: int | None = None,
+                 progress: Callable[[int], None] | None = None) -> dict[str, float]:
+        """Means over every example; ``progress(n)`` is called after each batch of ``n`` real examples."""
+        return self._means(self._totals(params, data, list(data.client_ids), int(batch_size or DEFAULT_BATCH_SIZE),
+                                        progress))
 
     def choose_models(self, stacked, data: FederatedData, *, select_with: FederatedData | None = None,
                       batch_size: int | None = None) -> dict[str, int]:
@@ -114,7 +120,8 @@ class Evaluator:
         return {cid: int(np.argmin(row)) for cid, row in zip(ids, mean)}
 
     def evaluate_best_of(self, stacked, data: FederatedData, *, select_with: FederatedData | None = None,
-                         batch_size: int | None = None) -> dict[str, float]:
+                         batch_size: int | None = None,
+                         progress: Callable[[int], None] | None = None) -> dict[str, float]:
         """Metrics when every client of ``data`` uses the model :meth:`choose_models` picks for it; also
         ``model_share_j``, the fraction of clients that use model ``j``."""
         bs = int(batch_size or DEFAULT_BATCH_SIZE)
@@ -125,7 +132,7 @@ class Evaluator:
             ids = [cid for cid, m in choice.items() if m == j]
             if not ids:
                 continue
-            part = self._totals(jax.tree.map(lambda x: x[j], stacked), data, ids, bs)
+            part = self._totals(jax.tree.map(lambda x: x[j], stacked), data, ids, bs, progress)
             if part is not None:
                 totals = part if totals is None else jax.tree.map(np.add, totals, part)
         logs = self._means(totals)

@@ -1,7 +1,6 @@
 """Turns a recipe config (an ``ml_collections.ConfigDict``) into the pieces of a run.
 
->>> from recipes.shakespeare_fedavg import get_config
->>> exp = build(get_config("demo"))
+>>> exp = build(get_config("shakespeare_fedavg", "demo"))
 >>> trainer = exp.trainer()
 >>> trainer.fit(exp.train_data, **exp.fit_kwargs)
 
@@ -231,3 +230,12 @@ def build(config) -> Experiment:
         callbacks.append(DPAccountant(delta=float(_dict(config, "dp").get("delta", 1e-5))))
     trainer_kwargs = {"seed": int(_get(config, "seed", 0)), "backend": _get(config, "backend", "auto")}
     return Experiment(config, model, train, test, algorithm, fit_kwargs(config), trainer_kwargs, callbacks)
+
+
+def get_config(recipe: str, variant: str | None = None):
+    """The config of a recipe by name (``"emnist_fedavg"``, a file in ``./recipes`` or fedtrain's
+    ``recipes/``) or by path, from any working directory; ``variant`` as in ``fedtrain train NAME:VARIANT``."""
+    from fedtrain.cli.config import recipe_config, resolve_recipe
+
+    path, named = resolve_recipe(recipe if variant is None else f"{recipe}:{variant}")
+    return recipe_config(path, named)

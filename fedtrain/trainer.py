@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 import warnings
@@ -17,14 +18,16 @@ from flax import nnx
 from fedtrain import distributed
 from fedtrain.algorithms.base import Algorithm, Context, check_algorithm
 from fedtrain.callbacks.base import Callback, CallbackList, History
+from fedtrain.callbacks.early_stopping import TerminateOnNaN
 from fedtrain.callbacks.progress import ProgressBar
+from fedtrain.checks import as_federated_data, check_initial_loss, check_population
 from fedtrain.client_states import ClientStateStore
 from fedtrain.data.federated_data import FederatedData
 from fedtrain.engine import BatchSpec, Engine, Population, RoundInput
 from fedtrain.engine import hyperparams as _hp
 from fedtrain.engine.feeder import RoundFeeder, population_of
 from fedtrain.engine.plan import FeatureSpec, feature_specs
-from fedtrain.evaluation import Evaluator
+from fedtrain.evaluation import DEFAULT_BATCH_SIZE, Evaluator
 from fedtrain.models.adapter import MASK_KEY, Model, from_nnx, loss_and_metrics
 from fedtrain.samplers import UniformSampler, max_cohort
 
@@ -63,6 +66,7 @@ class FederatedTrainer:
         client_state_placement: str = "auto",
     ):
         check_algorithm(algorithm)
+        train_data = None if train_data is None else as_federated_data(train_data, "train_data")
         if isinstance(model, Model):
             if loss is not None or metrics is not None:
                 raise ValueError("loss/metrics are part of a fedtrain Model already; pass them to from_nnx instead.")
@@ -168,9 +172,10 @@ class FederatedTrainer:
         return restore_trainer(self, directory, step)
 
     def update_module(self) -> nnx.Module | None:
-        """Writes the current parameters into the nnx module given to the constructor, and returns it."""
+        """Writes (a copy of) the current parameters into the nnx module given to the constructor and
+        returns it; ``fit`` and ``restore`` call it, so the module passed in is the trained model."""
         if self.module is not None:
-            nnx.update(self.module, self.params)
+            nnx.update(self.module, jax.tree.map(jnp.copy, self.params))
         return self.module
 
     # ------------------------------------------------------------------ fit
@@ -196,8 +201,10 @@ class FederatedTrainer:
         (or a restored checkpoint) continues where training stopped. Returns the
         ``History``; ``trainer.stop_training = True`` from a callback ends after the round.
         """
+        validation_data = None if validation_data is None else as_federated_data(validation_data, "validation_data")
         data, population, spec, verbose = self._start(train_data, rounds, clients_per_round, initial_round, verbose,
-                                                      BatchSpec(int(batch_size), local_epochs, local_steps))
+                                                      BatchSpec(int(batch_size), local_epochs, local_steps),
+                                                      validation_data, validation_batch_size)
         callback_list = self._callback_list(callbacks, verbose, dict(
             rounds=rounds, initial_round=initial_round, clients_per_round=clients_per_round, batch_size=spec.batch_size,
             local_epochs=spec.local_epochs, local_steps=spec.local_steps, num_clients=population.size,
@@ -217,22 +224,25 @@ class FederatedTrainer:
                 callback_list.on_clients_sampled(r, list(round_input.client_ids))
                 logs = self._run_round(r, round_input, callback_list)
                 self.last_round_info["input_wait_s"] = input_wait
+                logs["round_time"] = time.perf_counter() - t0  # training only; validation is val_time
                 if validation_data is not None and val_rounds(r + 1, rounds):
+                    t1 = time.perf_counter()
                     val = self.evaluate(validation_data, batch_size=validation_batch_size, callbacks=callback_list)
-                    logs.update({f"val_{k}": v for k, v in val.items()})
-                logs["round_time"] = time.perf_counter() - t0
+                    logs.update({f"val_{k}": v for k, v in val.items()}, val_time=time.perf_counter() - t1)
                 self.round = r + 1
                 callback_list.on_round_end(r, logs)
                 if self.stop_training:
                     break
         finally:
             feeder.close()
+            self.update_module()
         callback_list.on_train_end(logs)
         return self.history
 
-    def _start(self, train_data, rounds, clients_per_round, initial_round, verbose, spec: BatchSpec):
+    def _start(self, train_data, rounds, clients_per_round, initial_round, verbose, spec: BatchSpec,
+               validation_data=None, validation_batch_size=None):
         """Checks the arguments, the data and the algorithm on it (before any callback runs)."""
-        data = train_data if train_data is not None else self.train_data
+        data = as_federated_data(train_data, "train_data") if train_data is not None else self.train_data
         if data is None:
             raise ValueError("no training data: pass train_data to FederatedTrainer(...) or to fit(...).")
         self.train_data = data
@@ -248,7 +258,7 @@ class FederatedTrainer:
             raise ValueError(
                 f"clients_per_round={clients_per_round} is larger than the {population.size} clients with data; "
                 f"use clients_per_round <= {population.size}.")
-        self._check_model_on(data, population, spec)
+        self._check_model_on(data, population, spec, validation_data, validation_batch_size)
         self._probe_client_hyperparams(data)
         if self.client_states is not None:  # device-resident client states get a row per client here
             self.client_states.bind(population.ids)
@@ -265,6 +275,11 @@ class FederatedTrainer:
         self._clients_per_round = int(clients_per_round)
         if initial_round == 0:
             self.history = History()
+        first = self.round if initial_round is None else int(initial_round)
+        if first >= rounds:
+            warnings.warn(f"fit(rounds={rounds}) trains nothing: {first} rounds are completed already and `rounds` "
+                          f"is the total (like Keras' epochs). Pass rounds > {first} to train more, or "
+                          "initial_round=0 to start the count over.", UserWarning, stacklevel=3)
         return data, population, spec, verbose
 
     def _callback_list(self, callbacks, verbose: int, params: dict) -> CallbackList:
@@ -285,9 +300,12 @@ class FederatedTrainer:
         self.last_round_info = dict(result.info)
         bad = result.info["nonfinite_clients"]
         if bad or (result.client_ids and not math.isfinite(result.logs.get("loss", 0.0))):
+            stops = any(isinstance(cb, TerminateOnNaN) for cb in callback_list.callbacks)
             warnings.warn(f"round {r + 1}: the training loss is {result.logs.get('loss')}; clients with a non-finite "
-                          f"loss: {bad}. Lower the learning rate or check these clients' data "
-                          "(TerminateOnNaN stops training here).", RuntimeWarning, stacklevel=3)
+                          f"loss: {bad}. Lower the learning rate or check these clients' data. " +
+                          ("TerminateOnNaN stops training after this round." if stops else
+                           "Training goes on; add fedtrain.callbacks.TerminateOnNaN() to stop at the first "
+                           "non-finite loss."), RuntimeWarning, stacklevel=3)
         if callback_list.wants("on_client_results"):
             callback_list.on_client_results(r, result.client_ids, result.client_logs())
         return dict(result.logs)
@@ -317,9 +335,11 @@ class FederatedTrainer:
         for name, value in found.items():
             self.client_hyperparams.setdefault(name, value)
 
-    def _check_model_on(self, data: FederatedData, population: Population, spec: BatchSpec) -> None:
-        """Runs the model abstractly on one batch of the first client: shape/dtype errors surface here,
-        before anything compiles, with the features named."""
+    def _check_model_on(self, data: FederatedData, population: Population, spec: BatchSpec,
+                        validation_data: FederatedData | None = None, validation_batch_size: int | None = None) -> None:
+        """Before anything compiles: runs the model abstractly on a batch of the first client (shape and
+        dtype errors name the features), checks every client's features and the label range against the
+        model's outputs (training and validation data), and the untrained model's loss."""
         cid = population.ids[0]
         examples = data.get_client(cid)
         try:
@@ -332,6 +352,8 @@ class FederatedTrainer:
                              f"features {sorted(specs)}; preprocess the data or pass input_key=.")
         batch = _abstract_batch(specs, spec.batch_size)
         try:
+            logits = jax.eval_shape(lambda p, b: self.model_fns.apply(p, b[self.model_fns.input_key], None, False),
+                                    self.model_fns.init_params, batch)
             jax.eval_shape(lambda p, b: loss_and_metrics(self.model_fns, p, b, None, False),
                            self.model_fns.init_params, batch)
         except Exception as e:
@@ -339,6 +361,26 @@ class FederatedTrainer:
             raise ValueError(
                 f"the model, loss or metrics cannot run on this data (batch {shapes}): "
                 f"{type(e).__name__}: {e}") from e
+        num_classes = int(logits.shape[-1]) if getattr(logits, "ndim", 0) else None
+        labels = {m.class_labels: num_classes for m in (self.model_fns.loss, *self.model_fns.metrics)
+                  if getattr(m, "class_labels", None) and num_classes}
+        check_population(data, population.ids, specs, what="the training data", class_labels=labels)
+        if validation_data is not None:
+            self._check_validation_data(validation_data, specs, labels)
+        first = self._evaluator.evaluate(self.params, data.subset([cid]),
+                                         batch_size=validation_batch_size or DEFAULT_BATCH_SIZE)
+        check_initial_loss(first["loss"], num_classes if labels else None)
+
+    def _check_validation_data(self, data: FederatedData, train_specs: dict[str, FeatureSpec], labels) -> None:
+        ids = [c for c in data.client_ids if data.client_size(c) > 0]
+        if not ids:
+            raise ValueError("validation_data has no examples; pass clients with examples, or no validation_data.")
+        specs = feature_specs(data.get_client(ids[0]))
+        for name in {self.model_fns.input_key, *labels}:
+            if specs.get(name) != train_specs.get(name):
+                raise ValueError(f"validation_data: feature {name!r} is {specs.get(name)} in client {ids[0]!r} but "
+                                 f"{train_specs.get(name)} in the training data; both need the same features.")
+        check_population(data, ids, specs, what="validation_data", class_labels=labels)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -386,32 +428,68 @@ class FederatedTrainer:
     # ------------------------------------------------------------------ evaluate / predict
     def evaluate(self, data: FederatedData, *, batch_size: int | None = None, callbacks=None,
                  verbose: int = 0, select_with: FederatedData | None = None) -> dict[str, float]:
-        """Loss and metrics of the current model over every example of every client of ``data``.
+        """Loss and metrics of the current model over every example of every client of ``data``
+        (a ``FederatedData``, a dict of clients or a store path).
 
-        For algorithms with several models (``algorithm.eval_models``, e.g. HypCluster) each client
-        is evaluated on the model with the lowest loss on its examples in ``select_with`` (default: the
-        training data; a client missing there selects on its own examples in ``data``), and the logs
-        add ``model_share_j``.
+        ``verbose=1`` shows a progress bar (one line at the end when stdout is not a terminal) and
+        prints the metrics. For algorithms with several models (``algorithm.eval_models``, e.g.
+        HypCluster) each client is evaluated on the model with the lowest loss on its examples in
+        ``select_with`` (default: the training data; a client missing there selects on its own
+        examples in ``data``), and the logs add ``model_share_j``.
         """
-        callback_list = callbacks if isinstance(callbacks, CallbackList) else CallbackList(callbacks or [], self, {})
-        callback_list.on_test_begin({})
+        data = as_federated_data(data, "data")
+        if isinstance(callbacks, CallbackList):
+            callback_list = callbacks
+        else:
+            cbs = list(callbacks or [])
+            if verbose and not any(isinstance(cb, ProgressBar) for cb in cbs):
+                cbs.append(ProgressBar(int(verbose)))
+            callback_list = CallbackList(cbs, self, {})
+        total = _total_examples(data)
+        done = [0, 0]  # examples, batches
+
+        def progress(n: int) -> None:
+            done[0] += n
+            callback_list.on_test_batch_end(done[1], {"examples": done[0], "total_examples": total})
+            done[1] += 1
+
+        callback_list.on_test_begin({"total_examples": total})
         if self.algorithm.eval_models is not None:
             logs = self._evaluator.evaluate_best_of(
                 self.algorithm.eval_models(self.server_state), data,
-                select_with=self.train_data if select_with is None else select_with, batch_size=batch_size)
+                select_with=self.train_data if select_with is None else select_with, batch_size=batch_size,
+                progress=progress)
         else:
-            logs = self._evaluator.evaluate(self.params, data, batch_size=batch_size)
+            logs = self._evaluator.evaluate(self.params, data, batch_size=batch_size, progress=progress)
         callback_list.on_test_end(logs)
         if verbose:
             print(" - ".join(f"{k}: {v:.4f}" for k, v in logs.items()))
         return logs
 
-    def predict(self, x: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
-        """Model outputs (logits) for the inputs ``x`` (numpy, leading batch axis)."""
-        return self._evaluator.predict(self.params, x, batch_size=batch_size)
+    def predict(self, x, *, batch_size: int = 256):
+        """Model outputs (logits) in eval mode. ``x`` is an array with a leading batch axis (gives an
+        array) or federated data (a ``FederatedData``, dict of clients or store path; gives
+        ``{client_id: outputs}`` computed from each client's ``input_key`` feature)."""
+        if isinstance(x, np.ndarray | jax.Array):
+            return self._evaluator.predict(self.params, x, batch_size=batch_size)
+        if isinstance(x, FederatedData | dict | str | os.PathLike):
+            data = as_federated_data(x, "x")
+            key = self.model_fns.input_key
+            return {cid: self._evaluator.predict(self.params, data.get_client(cid)[key], batch_size=batch_size)
+                    for cid in data.client_ids}
+        arr = np.asarray(x)
+        if arr.ndim == 0 or arr.dtype == object:
+            raise TypeError(f"predict takes an array with a leading batch axis or federated data (a FederatedData, "
+                            f"a dict of clients or a store path); got {type(x).__name__}.")
+        return self._evaluator.predict(self.params, arr, batch_size=batch_size)
 
 
 # ---------------------------------------------------------------------- helpers
+def _total_examples(data: FederatedData) -> int:
+    sizes = getattr(data, "client_sizes", None)
+    return int(np.sum(sizes())) if sizes else sum(data.client_size(c) for c in data.client_ids)
+
+
 def _paths_and_leaves(reference, other):
     flat = jax.tree_util.tree_flatten_with_path(reference)[0]
     paths = [jax.tree_util.keystr(p) for p, _ in flat]

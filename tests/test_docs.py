@@ -1,5 +1,6 @@
-"""Every ```python block in docs/*.md runs (in order, one namespace per page), except blocks
-preceded by the line ``<!-- not-run -->``."""
+"""Every ```python block in README.md and docs/*.md runs (in order, one namespace per page) from a
+temporary directory outside the repository, with nothing added to ``sys.path``, as a user runs it;
+blocks preceded by the line ``<!-- not-run -->`` are skipped."""
 
 import glob
 import os
@@ -9,7 +10,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PAGES = sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
+PAGES = [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
 BLOCK = re.compile(r"(<!-- not-run -->\s*\n)?```python\n(.*?)```", re.S)
 
 
@@ -24,9 +25,11 @@ def test_docs_have_code():
 
 
 @pytest.mark.parametrize("page", PAGES, ids=os.path.basename)
-def test_page_runs(page, monkeypatch, capsys):
-    monkeypatch.syspath_prepend(ROOT)
-    monkeypatch.chdir(ROOT)
+def test_page_runs(page, monkeypatch, capsys, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if os.path.abspath(p or os.curdir) != ROOT])
+    for name in [m for m in sys.modules if m == "recipes" or m.startswith("recipes.")]:
+        monkeypatch.delitem(sys.modules, name)
     namespace = {"__name__": "__docs__"}
     for i, code in enumerate(blocks(page)):
         try:

@@ -226,13 +226,16 @@ def test_debug_backend_names_the_failing_client(clients):
         make_trainer(data, backend="debug").fit(rounds=1, clients_per_round=12, batch_size=4, verbose=0)
 
 
-def test_fit_with_nothing_to_do_warns_nothing(data):
+def test_fit_with_nothing_to_do_says_so(data):
     trainer = make_trainer(data)
     trainer.fit(rounds=1, clients_per_round=2, batch_size=4, verbose=0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with pytest.warns(UserWarning, match=r"fit\(rounds=1\) trains nothing: 1 rounds are completed.*rounds > 1"):
         history = trainer.fit(rounds=1, clients_per_round=2, batch_size=4, verbose=0)
-    assert history.rounds == [0]
+    assert history.rounds == [0] and trainer.round == 1
+    with warnings.catch_warnings():  # training further says nothing
+        warnings.simplefilter("error")
+        trainer.fit(rounds=2, clients_per_round=2, batch_size=4, verbose=0)
+    assert trainer.history.rounds == [0, 1]
 
 
 def test_lambda_callback_rejects_unknown_hooks():

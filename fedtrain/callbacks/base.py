@@ -49,6 +49,9 @@ class Callback:
 
     def on_test_begin(self, logs: Logs | None = None) -> None: ...
 
+    def on_test_batch_end(self, batch: int, logs: Logs | None = None) -> None:
+        """After each evaluation batch; ``logs`` has ``examples`` (done so far) and ``total_examples``."""
+
     def on_test_end(self, logs: Logs | None = None) -> None: ...
 
 

@@ -330,7 +330,7 @@ def build_round(
         examples = None
         if reads is None or lane in reads:
             examples = data.get_client(cid)
-            _check_client(cid, examples, specs, int(sizes[pos]))
+            check_client(cid, examples, specs, int(sizes[pos]))
         order = example_order(int(sizes[pos]), spec, k, client_rng(seed, round_index, population_indices[pos]))
         c = int(cursor[lane])
         _pack(features, mask, lane, c, examples, order, specs, B)
@@ -356,19 +356,22 @@ def build_round(
                       int(steps.sum() + pre_counts.sum()), executed)
 
 
-def _check_client(cid: str, examples: Examples, specs: dict[str, FeatureSpec], size: int) -> None:
+def check_client(cid: str, examples: Examples, specs: dict[str, FeatureSpec], size: int, *,
+                 what: str = "the training data") -> None:
+    """Raises a clear error when a client's features differ from ``specs`` (shape, dtype kind, count)."""
     missing = sorted(set(specs) - set(examples))
     if missing:
-        raise ValueError(f"client {cid!r} lacks features {missing} that other clients have; "
+        raise ValueError(f"{what}: client {cid!r} lacks features {missing} that other clients have; "
                          "every client needs the same features.")
     for name, fs in specs.items():
         arr = examples[name]
         if tuple(arr.shape[1:]) != fs.shape or arr.shape[0] != size:
             raise ValueError(
-                f"client {cid!r}: feature {name!r} has shape {tuple(arr.shape)}, expected "
+                f"{what}: client {cid!r}: feature {name!r} has shape {tuple(arr.shape)}, expected "
                 f"({size}, {', '.join(map(str, fs.shape))}) like the other clients."
             )
         if np.dtype(arr.dtype).kind != fs.dtype.kind and not (
             np.dtype(arr.dtype).kind in "iu" and fs.dtype.kind in "iu"
         ):
-            raise TypeError(f"client {cid!r}: feature {name!r} has dtype {arr.dtype}, expected {fs.dtype}.")
+            raise TypeError(f"{what}: client {cid!r}: feature {name!r} has dtype {arr.dtype}, expected {fs.dtype} "
+                            "like the other clients.")

@@ -42,6 +42,9 @@ def from_nnx(
 ) -> Model:
     """Splits ``module`` into ``nnx.Param`` state (trained) and the rest (kept fixed).
 
+    Without ``loss``/``metrics`` the module's own ``default_loss()`` / ``default_metrics()`` are used
+    when it defines them (the zoo's sequence models do), else softmax cross-entropy and accuracy.
+
     Every rng stream of the module (e.g. ``dropout``) is reseeded per step from
     the engine's rng; ``train`` switches the module with ``module.train()`` /
     ``module.eval()``.
@@ -66,10 +69,14 @@ def from_nnx(
             model.eval()
         return model(x)
 
-    loss_metric = metrics_lib.get(loss if loss is not None else "sparse_categorical_crossentropy")
+    if loss is None:
+        loss = module.default_loss() if hasattr(module, "default_loss") else "sparse_categorical_crossentropy"
+    if metrics is None:
+        metrics = module.default_metrics() if hasattr(module, "default_metrics") else ["accuracy"]
+    loss_metric = metrics_lib.get(loss)
     if loss_metric.name != "loss":
         loss_metric = loss_metric._replace(name="loss")
-    metric_list = tuple(metrics_lib.get(m) for m in (metrics if metrics is not None else ["accuracy"]))
+    metric_list = tuple(metrics_lib.get(m) for m in metrics)
     names = [m.name for m in metric_list]
     if "loss" in names or len(set(names)) != len(names):
         raise ValueError(f"metric names must be unique and not 'loss'; got {names}.")

@@ -38,6 +38,14 @@ class ShakespeareLSTM(nnx.Module):
         masked = jnp.zeros((self.vocab_size,), bool).at[jnp.array(NON_PREDICTABLE_IDS)].set(True)
         return jnp.where(masked, jnp.asarray(MASKED_LOGIT, logits.dtype), logits)
 
+    def default_loss(self) -> metrics_lib.Metric:
+        """Per-token cross-entropy over non-PAD targets (what the trainer uses when no loss is given)."""
+        return metrics_lib.sequence_crossentropy(pad_id=PAD)
+
+    def default_metrics(self) -> list[metrics_lib.Metric]:
+        """``accuracy`` (PAD excluded) and ``accuracy_no_eos`` (PAD and EOS excluded)."""
+        return [metrics_lib.sequence_accuracy(pad_id=PAD), metrics_lib.sequence_accuracy(pad_id=PAD, eos_id=EOS)]
+
 
 def shakespeare_model(*, seed: int = 0, rngs: nnx.Rngs | None = None, **kwargs) -> Model:
     """:class:`ShakespeareLSTM` as a fedtrain ``Model`` with per-token loss and accuracies.
@@ -46,12 +54,4 @@ def shakespeare_model(*, seed: int = 0, rngs: nnx.Rngs | None = None, **kwargs) 
     excluded). ``kwargs`` go to :class:`ShakespeareLSTM`.
     """
     module = ShakespeareLSTM(**kwargs, rngs=rngs if rngs is not None else nnx.Rngs(seed))
-    return from_nnx(
-        module,
-        loss=metrics_lib.sequence_crossentropy(pad_id=PAD),
-        metrics=[
-            metrics_lib.sequence_accuracy(pad_id=PAD),
-            metrics_lib.sequence_accuracy(pad_id=PAD, eos_id=EOS),
-        ],
-        input_key="x",
-    )
+    return from_nnx(module, input_key="x")  # the module's default_loss() and default_metrics()

@@ -46,6 +46,7 @@ class StackOverflowLSTM(nnx.Module):
                  num_layers: int = 1, *, num_oov_buckets: int = NUM_OOV_BUCKETS, output_tanh: bool = False,
                  unroll: int = 1, rngs: nnx.Rngs):
         self.num_outputs = full_vocab_size(vocab_size, num_oov_buckets)
+        self.oov_ids = oov_ids(vocab_size, num_oov_buckets)
         self.output_tanh = output_tanh
         self.embed = nnx.Embed(self.num_outputs, embed_size, rngs=rngs)
         self.lstm = StackedLSTM(embed_size, hidden_size, num_layers, unroll=unroll, rngs=rngs)
@@ -60,6 +61,16 @@ class StackOverflowLSTM(nnx.Module):
         masked = jnp.zeros((self.num_outputs,), bool).at[jnp.array(NON_PREDICTABLE_IDS)].set(True)
         return jnp.where(masked, jnp.asarray(MASKED_LOGIT, logits.dtype), logits)
 
+    def default_loss(self) -> metrics_lib.Metric:
+        """Per-token cross-entropy over non-PAD targets (what the trainer uses when no loss is given)."""
+        return metrics_lib.sequence_crossentropy(pad_id=PAD)
+
+    def default_metrics(self) -> list[metrics_lib.Metric]:
+        """FedJAX's ``accuracy_in_vocab`` and ``accuracy_no_eos`` (see :func:`stackoverflow_model`)."""
+        return [metrics_lib.sequence_accuracy(pad_id=PAD, eos_id=EOS, masked_logits=(PAD, BOS, EOS, *self.oov_ids),
+                                              name="accuracy_in_vocab"),
+                metrics_lib.sequence_accuracy(pad_id=PAD, eos_id=EOS)]
+
 
 def stackoverflow_model(*, seed: int = 0, rngs: nnx.Rngs | None = None, **kwargs) -> Model:
     """:class:`StackOverflowLSTM` as a fedtrain ``Model`` with per-token loss and accuracies.
@@ -70,15 +81,4 @@ def stackoverflow_model(*, seed: int = 0, rngs: nnx.Rngs | None = None, **kwargs
     to :class:`StackOverflowLSTM`.
     """
     module = StackOverflowLSTM(**kwargs, rngs=rngs if rngs is not None else nnx.Rngs(seed))
-    vocab = kwargs.get("vocab_size", VOCAB_SIZE)
-    oov = oov_ids(vocab, kwargs.get("num_oov_buckets", NUM_OOV_BUCKETS))
-    return from_nnx(
-        module,
-        loss=metrics_lib.sequence_crossentropy(pad_id=PAD),
-        metrics=[
-            metrics_lib.sequence_accuracy(pad_id=PAD, eos_id=EOS, masked_logits=(PAD, BOS, EOS, *oov),
-                                          name="accuracy_in_vocab"),
-            metrics_lib.sequence_accuracy(pad_id=PAD, eos_id=EOS),
-        ],
-        input_key="x",
-    )
+    return from_nnx(module, input_key="x")  # the module's default_loss() and default_metrics()
