@@ -6,11 +6,18 @@ applied to a cohort in which each client takes part with the sampler's sampling 
 ``SelfComposedDpEvent(PoissonSampledDpEvent(q, GaussianDpEvent(z)), R)``; the RDP or PLD
 accountant turns that into ``epsilon`` at a given ``delta``. For samplers that draw a fixed number
 ``k`` of ``N`` clients (e.g. ``UniformSampler``), ``q = k / N`` and the Poisson analysis is the
-usual approximation; ``PoissonSampler`` matches it exactly.
+usual approximation (a fixed-size cohort is not a Poisson one, so the reported ``epsilon``
+approximates the guarantee rather than bounding it); ``PoissonSampler`` matches it exactly.
+
+``dp_accounting``'s RDP accountant logs absl warnings for orders whose series does not converge
+(it leaves those orders out, so ``epsilon`` stays valid); :func:`quiet_accounting` silences them around
+each accounting call only.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 
 import dp_accounting
@@ -18,6 +25,23 @@ import dp_accounting
 from fedtrain.callbacks.base import Callback
 
 ACCOUNTANTS = ("rdp", "pld")
+
+
+@contextlib.contextmanager
+def quiet_accounting():
+    """Raises the ``absl`` logger to ``ERROR`` while ``dp_accounting`` computes, then restores its level.
+
+    The RDP accountant warns (through absl) about every fractional order whose series it cannot
+    sum, several times per round; those orders are excluded and ``epsilon`` is still an upper bound
+    over the remaining ones. Warnings logged outside the accounting are untouched."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    if logger.getEffectiveLevel() < logging.ERROR:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _check(noise_multiplier: float | None = None, sampling_probability: float | None = None,
@@ -54,8 +78,9 @@ def compute_epsilon(noise_multiplier: float, sampling_probability: float, rounds
     if noise_multiplier == 0:
         return math.inf
     acc = make_accountant(accountant)
-    acc.compose(round_event(noise_multiplier, sampling_probability), int(rounds))
-    return float(acc.get_epsilon(delta))
+    with quiet_accounting():
+        acc.compose(round_event(noise_multiplier, sampling_probability), int(rounds))
+        return float(acc.get_epsilon(delta))
 
 
 def noise_multiplier_for(epsilon: float, delta: float, rounds: int, sampling_probability: float,
@@ -72,9 +97,10 @@ def noise_multiplier_for(epsilon: float, delta: float, rounds: int, sampling_pro
         return dp_accounting.SelfComposedDpEvent(round_event(z, sampling_probability), int(rounds))
 
     try:
-        z = dp_accounting.calibrate_dp_mechanism(
-            lambda: make_accountant("rdp"), event, epsilon, delta,
-            dp_accounting.LowerEndpointAndGuess(1e-3, 1.0), tol=tol)
+        with quiet_accounting():
+            z = dp_accounting.calibrate_dp_mechanism(
+                lambda: make_accountant("rdp"), event, epsilon, delta,
+                dp_accounting.LowerEndpointAndGuess(1e-3, 1.0), tol=tol)
     except dp_accounting.mechanism_calibration.NoBracketIntervalFoundError as e:
         raise ValueError(f"epsilon={epsilon} at delta={delta} over {rounds} rounds with sampling probability "
                          f"{sampling_probability} is unreachable with any noise multiplier.") from e
@@ -84,13 +110,38 @@ def noise_multiplier_for(epsilon: float, delta: float, rounds: int, sampling_pro
         if compute_epsilon(lower, sampling_probability, rounds, delta, "pld") <= epsilon:
             z = lower
         else:
-            z = dp_accounting.calibrate_dp_mechanism(
-                lambda: make_accountant("pld"), event, epsilon, delta,
-                dp_accounting.ExplicitBracketInterval(lower, z + tol), tol=tol)
+            with quiet_accounting():
+                z = dp_accounting.calibrate_dp_mechanism(
+                    lambda: make_accountant("pld"), event, epsilon, delta,
+                    dp_accounting.ExplicitBracketInterval(lower, z + tol), tol=tol)
     # calibrate returns a value within tol of the optimum; step up to one that meets the budget.
     while compute_epsilon(z, sampling_probability, rounds, delta, accountant) > epsilon:
         z += tol
     return float(z)
+
+
+def check_expected_clients(expected_clients_per_round: float, sampling_probability: float, num_clients: int,
+                           clients_per_round: int) -> None:
+    """Raises ``ValueError`` when DP-FedAvg's fixed mean denominator ``expected_clients_per_round`` is not
+    the expected cohort size ``q * num_clients`` (``clients_per_round`` for uniform sampling).
+
+    The noised sum of the cohort's clipped updates is divided by that fixed number, so any other
+    value scales every server update by ``cohort / expected_clients_per_round``. A difference of up to
+    half a client (rounding ``q * N``) or 1 % is accepted."""
+    m, q, n = float(expected_clients_per_round), float(sampling_probability), int(num_clients)
+    expected = q * n
+    if abs(m - expected) <= max(0.5, 0.01 * expected):
+        return
+    if math.isclose(expected, round(expected), rel_tol=1e-9) and math.isclose(q, clients_per_round / n, rel_tol=1e-9):
+        cohort = f"clients_per_round={clients_per_round} (sampling rate q = {clients_per_round}/{n})"
+    else:
+        cohort = f"an expected cohort of q * num_clients = {q:.6g} * {n} = {expected:.6g}"
+    raise ValueError(
+        f"DPAccountant: the algorithm divides the noised sum of client updates by expected_clients_per_round="
+        f"{m:g}, but rounds sample {cohort}: every server update is scaled by {expected / m:.3g}. Build the "
+        f"algorithm with expected_clients_per_round={expected:g} (e.g. fedtrain.algorithms.dp_fedavg(..., "
+        f"expected_clients_per_round={expected:g})), or pass DPAccountant(..., allow_expected_clients_mismatch=True) "
+        "when the fixed denominator is intended.")
 
 
 class DPAccountant(Callback):
@@ -99,10 +150,14 @@ class DPAccountant(Callback):
 
     The noise multiplier defaults to the algorithm's ``hyperparams['noise_multiplier']`` (set by
     ``dp_fedavg``); the sampling probability comes from ``trainer.sampler.sampling_probability``.
+    Before round 1 it checks that the algorithm's ``expected_clients_per_round`` (the fixed denominator
+    of DP-FedAvg's mean) is the sampler's expected cohort, ``q * num_clients`` (``clients_per_round``
+    for uniform sampling, ``q * N`` for ``PoissonSampler``); ``allow_expected_clients_mismatch=True``
+    skips that check when a different denominator is intended.
     """
 
     def __init__(self, delta: float, target_epsilon: float | None = None, noise_multiplier: float | None = None,
-                 accountant: str = "rdp"):
+                 accountant: str = "rdp", *, allow_expected_clients_mismatch: bool = False):
         super().__init__()
         _check(noise_multiplier, None, None, delta, accountant)
         if target_epsilon is not None and not target_epsilon > 0:
@@ -111,6 +166,7 @@ class DPAccountant(Callback):
         self.target_epsilon = target_epsilon
         self.noise_multiplier = noise_multiplier
         self.accountant = accountant
+        self.allow_expected_clients_mismatch = bool(allow_expected_clients_mismatch)
         self.epsilon = 0.0
         self._acc = None
         self._event = None
@@ -127,8 +183,12 @@ class DPAccountant(Callback):
         if fn is None:
             raise ValueError(f"DPAccountant: sampler {trainer.sampler!r} has no sampling_probability(population, k); "
                              "privacy cannot be accounted for it.")
-        q = float(fn(self.params["num_clients"], self.params["clients_per_round"]))
+        n, k = self.params["num_clients"], self.params["clients_per_round"]
+        q = float(fn(n, k))
         _check(float(z), q, None, self.delta, self.accountant)
+        expected = trainer.algorithm.hyperparams.get("expected_clients_per_round")
+        if expected is not None and not self.allow_expected_clients_mismatch:
+            check_expected_clients(expected, q, n, k)
         return float(z), q
 
     def on_train_begin(self, logs=None):
@@ -147,17 +207,21 @@ class DPAccountant(Callback):
         if self._acc is None:  # rounds before this one (a continued or restored run) were spent already
             self._acc = make_accountant(self.accountant)
             if round:
-                self._acc.compose(self._event, int(round))
+                with quiet_accounting():
+                    self._acc.compose(self._event, int(round))
         super().on_round_begin(round, logs)
 
     def on_round_end(self, round, logs=None):
-        self._acc.compose(self._event)
-        self.epsilon = float(self._acc.get_epsilon(self.delta))
+        with quiet_accounting():
+            self._acc.compose(self._event)
+            self.epsilon = float(self._acc.get_epsilon(self.delta))
         if logs is not None:
             logs["dp_epsilon"] = self.epsilon
         if self.target_epsilon is not None:
             nxt = make_accountant(self.accountant)
-            nxt.compose(self._event, int(round) + 2)
-            if float(nxt.get_epsilon(self.delta)) > self.target_epsilon:
+            with quiet_accounting():
+                nxt.compose(self._event, int(round) + 2)
+                over = float(nxt.get_epsilon(self.delta)) > self.target_epsilon
+            if over:
                 self.trainer.stop_training = True
         super().on_round_end(round, logs)
