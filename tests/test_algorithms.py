@@ -23,6 +23,7 @@ ALGORITHMS = {
     "fedadam": lambda: fedadam(optax.sgd(0.1), server_learning_rate=0.05),
     "fedprox": lambda: fedprox(optax.sgd(0.1), mu=0.5),
     "scaffold": lambda: scaffold(0.1),
+    "scaffold_injected_sgd": lambda: scaffold(optax.inject_hyperparams(optax.sgd)(learning_rate=0.1)),
     "mime": lambda: mime(optax.sgd(0.1, momentum=0.9)),
     "mime_lite": lambda: mime_lite(optax.adam(0.02), client_delta_clip_norm=0.5),
     "mime_lite_first_batch": lambda: mime_lite(optax.sgd(0.1, momentum=0.9), full_batch_gradient=False),
@@ -198,9 +199,17 @@ def test_fedprox_matches_numpy():
     pb.check(w, b)
 
 
-def test_scaffold_matches_numpy_with_partial_participation():
+SCAFFOLD_CLIENT_TX = {
+    "float": lambda lr: lr,
+    "optax_sgd": optax.sgd,
+    "injected_sgd": lambda lr: optax.inject_hyperparams(optax.sgd)(learning_rate=lr),
+}
+
+
+@pytest.mark.parametrize("client_tx", list(SCAFFOLD_CLIENT_TX))
+def test_scaffold_matches_numpy_with_partial_participation(client_tx):
     pb = Problem(num_clients=4, rounds=3, clients_per_round=2)
-    w, b = pb.train(scaffold(CLIENT_LR, server_learning_rate=0.9))
+    w, b = pb.train(scaffold(SCAFFOLD_CLIENT_TX[client_tx](CLIENT_LR), server_learning_rate=0.9))
     N = 4
     c = (np.zeros_like(w), np.zeros_like(b))
     ci = {cid: (np.zeros_like(w), np.zeros_like(b)) for cid in pb.ids}
@@ -533,6 +542,50 @@ def test_scaffold_population_comes_from_the_trainer_or_the_argument():
 
     # c <- c + (1/N) sum_i dc_i: with N given as 12 instead of the 6 clients, the step halves
     np.testing.assert_allclose(control(num_clients=12), control() / 2, rtol=1e-5)
+
+
+def test_scaffold_takes_optax_sgd_like_every_other_algorithm():
+    data = fedtrain.InMemoryFederatedData(make_clients(num_clients=6))
+
+    def run(algorithm, client_lr=None):
+        t = fedtrain.FederatedTrainer(Linear(features=8, rngs=nnx.Rngs(0)), data, algorithm, seed=1)
+        if client_lr is not None:
+            t.set_hyperparam("learning_rate", client_lr, target="client")
+        t.fit(rounds=2, **FIT)
+        return t
+
+    by_float = run(scaffold(0.1))
+    by_tx = run(scaffold(optax.sgd(0.1)))
+    assert by_tx.algorithm.hyperparams["client_learning_rate"] == pytest.approx(0.1)
+    assert max_diff(by_float.server_state, by_tx.server_state) == 0.0
+    assert max_diff(run(scaffold(client_learning_rate=0.1)).server_state, by_float.server_state) == 0.0
+    # an injected rate set by the trainer (a client schedule) is the rate option II divides by
+    injected = run(scaffold(optax.inject_hyperparams(optax.sgd)(learning_rate=0.1)), client_lr=0.05)
+    assert max_diff(injected.server_state, run(scaffold(0.05)).server_state) < 1e-6
+    for cid in data.client_ids:
+        assert max_diff(injected.client_states.get(cid), run(scaffold(0.05)).client_states.get(cid)) < 1e-6
+
+
+@pytest.mark.parametrize("client_tx", [
+    optax.sgd(0.1, momentum=0.9), optax.sgd(0.1, momentum=0.9, nesterov=True), optax.adam(0.1),
+    optax.sgd(optax.linear_schedule(0.1, 0.01, 100)), optax.sgd(optax.piecewise_constant_schedule(0.1, {50: 0.1})),
+    optax.chain(optax.add_decayed_weights(1e-2), optax.sgd(0.1)),
+    optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.1)),
+], ids=["momentum", "nesterov", "adam", "schedule", "late_schedule", "weight_decay", "clipping"])
+def test_scaffold_refuses_client_optimizers_other_than_plain_sgd(client_tx):
+    with pytest.raises(ValueError, match=r"SCAFFOLD.*plain SGD.*optax.sgd\(learning_rate\)"):
+        scaffold(client_tx)
+
+
+def test_scaffold_client_tx_errors_name_the_fix():
+    with pytest.raises(ValueError, match="learning rate > 0"):
+        scaffold(optax.sgd(0.0))
+    with pytest.raises(TypeError, match="optax.sgd"):
+        scaffold("sgd")
+    with pytest.raises(TypeError, match="not both"):
+        scaffold(optax.sgd(0.1), client_learning_rate=0.1)
+    with pytest.raises(TypeError, match="optax.sgd"):
+        scaffold()
 
 
 def malformed(**changes):
