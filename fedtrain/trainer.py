@@ -299,13 +299,17 @@ class FederatedTrainer:
         self.server_state, self.aggregator_state = result.server_state, result.aggregator_state
         self.last_round_info = dict(result.info)
         bad = result.info["nonfinite_clients"]
-        if bad or (result.client_ids and not math.isfinite(result.logs.get("loss", 0.0))):
+        loss_bad = bad or (result.client_ids and not math.isfinite(result.logs.get("loss", 0.0)))
+        if loss_bad or not result.info["state_finite"]:
             stops = any(isinstance(cb, TerminateOnNaN) for cb in callback_list.callbacks)
-            warnings.warn(f"round {r + 1}: the training loss is {result.logs.get('loss')}; clients with a non-finite "
-                          f"loss: {bad}. Lower the learning rate or check these clients' data. " +
+            what = (f"the training loss is {result.logs.get('loss')}; clients with a non-finite loss: {bad}"
+                    if loss_bad else "the loss is finite but the new server state (parameters or optimizer "
+                    "state) holds NaN or inf, e.g. an optimizer with eps=0 on a zero gradient")
+            warnings.warn(f"round {r + 1}: {what}. Lower the learning rate or check these clients' data; checkpoints "
+                          "never save a non-finite state. " +
                           ("TerminateOnNaN stops training after this round." if stops else
                            "Training goes on; add fedtrain.callbacks.TerminateOnNaN() to stop at the first "
-                           "non-finite loss."), RuntimeWarning, stacklevel=3)
+                           "non-finite loss or state."), RuntimeWarning, stacklevel=3)
         if callback_list.wants("on_client_results"):
             callback_list.on_client_results(r, result.client_ids, result.client_logs())
         return dict(result.logs)

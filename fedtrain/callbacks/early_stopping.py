@@ -97,7 +97,8 @@ class EarlyStopping(Callback):
         if self.restore_best_weights and self.best_weights is None:
             self.best_weights = self.trainer.server_state
         self.wait += 1
-        if self._is_improvement(value, self.best):
+        finite = (getattr(self.trainer, "last_round_info", {}) or {}).get("state_finite", True)
+        if finite and self._is_improvement(value, self.best):  # a non-finite state is never the best
             self.best, self.best_round = value, round
             if self.restore_best_weights:
                 self.best_weights = self.trainer.server_state
@@ -136,7 +137,8 @@ class EarlyStopping(Callback):
 
 class TerminateOnNaN(Callback):
     """Stops training at the first round whose loss is NaN or infinite, naming the clients that
-    produced it (``self.stopped_round``, ``self.bad_clients``)."""
+    produced it (``self.stopped_round``, ``self.bad_clients``), or whose new server state (parameters
+    or optimizer state) holds NaN or inf."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -146,11 +148,17 @@ class TerminateOnNaN(Callback):
     def on_round_end(self, round: int, logs=None) -> None:
         logs = logs or {}
         loss = logs.get("loss")
-        if loss is None or logs.get("num_clients", 1.0) == 0.0 or np.isfinite(loss):
-            return
         info = getattr(self.trainer, "last_round_info", {}) or {}
+        state_bad = info.get("state_finite") is False
+        loss_bad = loss is not None and logs.get("num_clients", 1.0) != 0.0 and not np.isfinite(loss)
+        if not (loss_bad or state_bad):
+            return
         self.bad_clients = list(info.get("nonfinite_clients", []))
         self.stopped_round = round
-        print(f"Round {round + 1}: invalid loss {loss}, terminating training; clients with a non-finite loss: "
-              f"{self.bad_clients}", flush=True)
+        if loss_bad:
+            print(f"Round {round + 1}: invalid loss {loss}, terminating training; clients with a non-finite loss: "
+                  f"{self.bad_clients}", flush=True)
+        else:
+            print(f"Round {round + 1}: the new server state holds NaN or inf (loss {loss}), terminating training.",
+                  flush=True)
         self.trainer.stop_training = True

@@ -18,7 +18,7 @@ from fedtrain.data.federated_data import FederatedData
 from fedtrain.engine.debug import ClientStepError, run_round_debug
 from fedtrain.engine.plan import (BatchSpec, FeatureSpec, Layout, RoundArrays, RoundInput, build_round, choose_buckets,
                                   choose_lanes, lane_loads, make_layout, prepass_steps)
-from fedtrain.engine.round import CLIENT_AXIS, RoundOutputs, make_round_fn
+from fedtrain.engine.round import CLIENT_AXIS, STATE_FINITE, RoundOutputs, make_round_fn
 from fedtrain.models.adapter import Model
 
 BACKENDS = ("auto", "scan", "vmap", "sharded", "pmap", "debug")
@@ -315,6 +315,8 @@ class Engine:
 
     def _result(self, ri: RoundInput, out: RoundOutputs) -> RoundResult:
         slots, metrics = jax.device_get((out.slots._replace(client_state=None), out.metrics))
+        metrics = dict(metrics)
+        state_finite = bool(metrics.pop(STATE_FINITE))
         lanes, idx = zip(*ri.placement) if ri.placement else ((), ())
         at = (np.asarray(lanes, np.int64), np.asarray(idx, np.int64))
         client: dict[str, np.ndarray] = {}
@@ -337,7 +339,8 @@ class Engine:
         bad = [cid for cid, b in zip(ri.client_ids, bad) if b]
         info = {"client_ids": ri.client_ids, "padding_efficiency": ri.padding_efficiency,
                 "useful_lane_steps": ri.useful_lane_steps, "lanes": ri.layout.lanes, "slots": ri.layout.slots,
-                "capacity": ri.layout.capacity, "compilations": self.compilations, "nonfinite_clients": bad}
+                "capacity": ri.layout.capacity, "compilations": self.compilations, "nonfinite_clients": bad,
+                "state_finite": state_finite}
         return RoundResult(out.server_state, out.aggregator_state, logs, ri.client_ids, client, info)
 
 

@@ -300,5 +300,16 @@ def finish_round(algorithm: Algorithm, server_state, agg_state, summed, slots: S
     new_state, server_metrics = Calls(algorithm)("server_update", algorithm.server_update, server_state, aggregate,
                                                  stats, ctx._replace(rng=jax.random.fold_in(server_key, 1),
                                                                      cohort_size=clients))
-    metrics = {"update_norm": global_norm(aggregate), **agg_metrics, **server_metrics}
+    metrics = {"update_norm": global_norm(aggregate), **agg_metrics, **server_metrics,
+               STATE_FINITE: all_finite((new_state, agg_state))}
     return RoundOutputs(new_state, agg_state, slots._replace(gathered=()), metrics)
+
+
+STATE_FINITE = "state_finite"  # a metric of the compiled round, moved into RoundResult.info by the engine
+
+
+def all_finite(tree) -> jax.Array:
+    """True when every floating-point value of ``tree`` is finite (one cheap reduction per leaf)."""
+    flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+             if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
