@@ -40,6 +40,10 @@ class CodecError(ValueError):
     """A blob is not a valid FedJAX msgpack encoding, or a value cannot be encoded."""
 
 
+class DecodedTooLarge(CodecError):
+    """A compressed blob inflates to more than the caller's ``max_size``; it was not inflated further."""
+
+
 def _dtype_from_name(name: bytes) -> np.dtype:
     if name == b"bfloat16":
         import ml_dtypes
@@ -184,10 +188,34 @@ def encode_examples(examples: Mapping[str, np.ndarray]) -> bytes:
     return zlib.compress(msgpack_serialize({str(k): np.asarray(v) for k, v in examples.items()}))
 
 
-def decode_examples(blob: bytes) -> dict[str, np.ndarray]:
-    """Inverse of ``encode_examples``; raises ``CodecError`` on a corrupt blob."""
+def inflate(blob: bytes, max_size: int | None = None) -> bytes:
+    """``zlib.decompress(blob)``, never producing more than ``max_size`` bytes.
+
+    The stream is inflated with ``decompressobj(...).decompress(blob, max_size + 1)``, so a blob that
+    would inflate further (a decompression bomb) raises ``DecodedTooLarge`` having allocated at most
+    ``max_size + 1`` bytes. A truncated stream raises ``zlib.error``, as ``zlib.decompress`` does.
+    """
+    if max_size is None:
+        return zlib.decompress(blob)
+    d = zlib.decompressobj()
+    out = d.decompress(blob, max_size + 1)
+    if len(out) > max_size:
+        raise DecodedTooLarge(f"the blob ({len(blob)} bytes) inflates to more than {max_size} bytes")
+    if not d.eof:
+        raise zlib.error("Error -5 while decompressing data: incomplete or truncated stream")
+    return out
+
+
+def decode_examples(blob: bytes, max_size: int | None = None) -> dict[str, np.ndarray]:
+    """Inverse of ``encode_examples``; raises ``CodecError`` on a corrupt blob.
+
+    ``max_size`` bounds the decompressed bytes (``DecodedTooLarge`` beyond it, raised before more is
+    inflated); ``None`` leaves them unbounded.
+    """
     try:
-        tree = msgpack_deserialize(zlib.decompress(blob))
+        tree = msgpack_deserialize(inflate(bytes(blob), max_size))
+    except CodecError:
+        raise
     except (zlib.error, ValueError, TypeError, msgpack.UnpackException) as err:
         raise CodecError(f"corrupt FedJAX client blob ({type(err).__name__}: {err})") from err
     if not isinstance(tree, dict):

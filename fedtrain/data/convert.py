@@ -171,6 +171,11 @@ def load_npz_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
                                      "file.")
                 out[info.filename[:-4]] = _read_npy_member(zf, info, path, size)
             return out
+    except FileNotFoundError:
+        if os.path.exists(path):
+            raise
+        raise FileNotFoundError(f"{path} does not exist; check the path, or download/convert the data "
+                                "first.") from None
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as err:
         if isinstance(err, StoreError):
             raise

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import urllib.parse
 from collections.abc import Mapping
 
 import numpy as np
 
-from fedtrain.data.codec import CodecError, decode_examples, encode_examples
+from fedtrain.data.codec import CodecError, DecodedTooLarge, decode_examples, encode_examples
 from fedtrain.data.federated_data import ClientId, Examples, num_examples_of
 from fedtrain.data.store import AtomicFile, FileStore, StoreError, StoreWriter, validated
 
@@ -39,10 +40,36 @@ def key_to_id(key) -> ClientId:
     return bytes(key).decode("utf-8", "surrogateescape")
 
 
+MAX_BYTES_PER_EXAMPLE = 1 << 20
+"""Default cap on a client's decompressed ``data`` per example it declares (``num_examples``).
+
+The largest official examples (a Stack Overflow post's tokens and title) take tens of KB;
+1 MiB each leaves a wide margin while a crafted row cannot inflate far beyond what it declares."""
+DECODE_MARGIN = 1 << 20  # bytes every client may take beyond its per-example share (msgpack headers, tiny clients)
+
+
+def sqlite_uri(path: str) -> str:
+    """A read-only ``file:`` URI of ``path``: every character SQLite's URI parser treats specially is escaped.
+
+    ``%``, ``?``, ``#``, spaces and non-ASCII characters are percent-encoded, so ``pct%41/x.sqlite``
+    opens that file and not ``pctA/x.sqlite``.
+    """
+    return "file:" + urllib.parse.quote(os.path.abspath(path), safe="/") + "?mode=ro"
+
+
 def connect_readonly(path: str) -> sqlite3.Connection:
-    """A read-only connection usable from the thread that opened it."""
-    uri = "file:" + os.path.abspath(path).replace("?", "%3f").replace("#", "%23") + "?mode=ro"
-    return sqlite3.connect(uri, uri=True, check_same_thread=False)
+    """A read-only connection usable from the thread that opened it.
+
+    ``FileNotFoundError`` (saying the file does not exist) when ``path`` is missing, so a missing
+    file is never reported as a corrupt one.
+    """
+    try:
+        return sqlite3.connect(sqlite_uri(path), uri=True, check_same_thread=False)
+    except sqlite3.OperationalError:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path} does not exist; check the path, or download/convert the data "
+                                    "first.") from None
+        raise
 
 
 def sqlite_tables(path: str) -> dict[str, list[str]]:
@@ -64,8 +91,9 @@ class FedjaxSQLiteData(FileStore):
 
     format_name = "fedjax-sqlite"
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, max_bytes_per_example: int = MAX_BYTES_PER_EXAMPLE):
         super().__init__(path)
+        self.max_bytes_per_example = int(max_bytes_per_example)
         tables = sqlite_tables(self.path)
         columns = tables.get("federated_data")
         if columns is None or not {"client_id", "data", "num_examples"} <= set(columns):
@@ -100,8 +128,16 @@ class FedjaxSQLiteData(FileStore):
                              "truncated: download or convert it again.") from err
         if row is None:
             raise StoreError(f"{self.path}: client {client_id!r} is listed but has no data row.")
+        declared = self._raw_sizes[client_id]
+        limit = declared * self.max_bytes_per_example + DECODE_MARGIN
         try:
-            examples = decode_examples(row[0])
+            examples = decode_examples(row[0], max_size=limit)
+        except DecodedTooLarge as err:
+            raise StoreError(f"{self.path}: client {client_id!r} declares {declared} examples but its data inflates "
+                             f"to more than {limit} bytes ({self.max_bytes_per_example} per example plus "
+                             f"{DECODE_MARGIN}); it was not decompressed further. The file is corrupt or crafted; "
+                             "if its examples really are that large, open it with "
+                             "FedjaxSQLiteData(path, max_bytes_per_example=...).") from err
         except CodecError as err:
             raise StoreError(f"{self.path}: client {client_id!r}: {err}; the file is corrupt: download or "
                              "convert it again.") from err

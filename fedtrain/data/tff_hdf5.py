@@ -3,10 +3,17 @@
 Text features are variable-length strings, read back as object arrays of
 ``bytes`` (as TFF's readers see them). Clients are listed in the file's
 (alphabetical) group order.
+
+Checksums: fedtrain writes numeric datasets chunked with HDF5's ``fletcher32``
+filter (h5py, TFF and any HDF5 reader verify it on read). HDF5 allows no
+filter on variable-length strings, so those carry a ``fedtrain_sha256``
+attribute instead (ignored by other readers). A dataset whose checksum fails
+raises ``StoreError`` naming the client and feature.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Mapping
 
@@ -19,10 +26,17 @@ from fedtrain.data.store import AtomicFile, FileStore, StoreError, StoreWriter, 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 
+CHECKSUM_ATTR = "fedtrain_sha256"
+_CHUNK_BYTES = 1 << 20  # target chunk size: a typical client's feature is one chunk
+
+
 def _open(path: str) -> h5py.File:
     try:
         return h5py.File(path, "r")
     except OSError as err:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path} does not exist; check the path, or download/convert the data "
+                                    "first.") from None
         raise StoreError(f"{path} is not a readable HDF5 file ({err}); it is corrupt or truncated: "
                          "download or convert it again.") from err
 
@@ -83,6 +97,45 @@ def _checked_dataset(path: str, client_id: ClientId, group: h5py.Group, name: st
     return ds
 
 
+def _items_sha256(items) -> str:
+    """sha256 of a flat sequence of ``bytes``, each prefixed by its length (so item boundaries count)."""
+    h = hashlib.sha256()
+    for v in items:
+        h.update(len(v).to_bytes(8, "little"))
+        h.update(v)
+    return h.hexdigest()
+
+
+def _chunks(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...] | bool:
+    """Chunks along the example axis of about ``_CHUNK_BYTES``; ``True`` (h5py's guess) for empty datasets."""
+    if not shape or 0 in shape:
+        return True
+    row = max(1, int(np.prod(shape[1:], dtype=np.int64)) * itemsize)
+    return (max(1, min(shape[0], _CHUNK_BYTES // row)), *shape[1:])
+
+
+def _read_dataset(path: str, client_id: ClientId, ds: h5py.Dataset, name: str) -> np.ndarray:
+    """``ds[()]`` with checksum failures reported as ``StoreError`` naming the client and feature."""
+    where = f"{path}: client {client_id!r}, feature {name!r}"
+    try:
+        arr = ds[()]
+    except (OSError, RuntimeError) as err:
+        if ds.fletcher32:
+            raise StoreError(f"{where} fails its fletcher32 checksum or is cut off ({err}); the file is corrupt: "
+                             "download or convert it again.") from err
+        raise StoreError(f"{where} cannot be read ({err}); the file is corrupt or truncated: download or "
+                         "convert it again.") from err
+    arr = _plain(arr)
+    want = ds.attrs.get(CHECKSUM_ATTR)
+    if want is not None and arr.dtype.kind == "O":
+        want = want.decode("ascii", "replace") if isinstance(want, bytes) else str(want)
+        items = [v if isinstance(v, bytes) else str(v).encode("utf-8") for v in arr.ravel().tolist()]
+        if _items_sha256(items) != want:
+            raise StoreError(f"{where} fails its sha256 checksum (attribute {CHECKSUM_ATTR}); the file is corrupt: "
+                             "download or convert it again.")
+    return arr
+
+
 def _plain(arr: np.ndarray) -> np.ndarray:
     """Drops h5py's string metadata so object arrays are plain ``dtype=object`` arrays of bytes."""
     if isinstance(arr, np.ndarray) and arr.dtype.kind == "O":
@@ -120,6 +173,8 @@ class TFFHDF5Data(FileStore):
                 raise StoreError(f"{self.path}: examples/{client_id} is {_article(_link_kind(link))}; fedtrain "
                                  "reads only groups stored in the file itself.")
             group = examples[client_id]
+        except FileNotFoundError:
+            raise
         except (OSError, RuntimeError) as err:
             raise StoreError(f"{self.path}: reading client {client_id!r} failed ({err}); the file is corrupt "
                              "or truncated: download or convert it again.") from err
@@ -141,7 +196,8 @@ class TFFHDF5Data(FileStore):
     def _read(self, client_id: ClientId) -> Examples:
         group = self._group(client_id)
         try:
-            examples = {name: _plain(_checked_dataset(self.path, client_id, group, name)[()]) for name in group}
+            examples = {name: _read_dataset(self.path, client_id, _checked_dataset(self.path, client_id, group, name),
+                                            name) for name in group}
         except (OSError, RuntimeError) as err:
             raise StoreError(f"{self.path}: reading client {client_id!r} failed ({err}); the file is corrupt "
                              "or truncated: download or convert it again.") from err
@@ -150,14 +206,20 @@ class TFFHDF5Data(FileStore):
 
 
 class TFFHDF5Writer(StoreWriter):
-    """Writes a TFF HDF5 file: ``add(client_id, examples)``, then ``close()`` (or use ``with``)."""
+    """Writes a TFF HDF5 file: ``add(client_id, examples)``, then ``close()`` (or use ``with``).
 
-    def __init__(self, path: str | os.PathLike, *, overwrite: bool = False, compression: str | None = None):
+    ``checksum=True`` (the default) stores numeric features chunked with the ``fletcher32`` filter
+    and text features with a ``fedtrain_sha256`` attribute, so a flipped byte is reported on read.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, overwrite: bool = False, compression: str | None = None,
+                 checksum: bool = True):
         self._file = AtomicFile(path, overwrite)
         self.path = self._file.path
         self._h5 = h5py.File(self._file.partial, "w")
         self._examples = self._h5.create_group("examples")
         self._compression = compression
+        self._checksum = checksum
 
     def add(self, client_id: ClientId, examples: Mapping[str, np.ndarray]) -> None:
         client_id = str(client_id)
@@ -172,7 +234,12 @@ class TFFHDF5Writer(StoreWriter):
                 items = [v if isinstance(v, bytes) else str(v).encode("utf-8") for v in arr.ravel().tolist()]
                 data = np.empty(len(items), dtype=object)
                 data[:] = items
-                group.create_dataset(name, data=data.reshape(arr.shape), dtype=h5py.special_dtype(vlen=bytes))
+                ds = group.create_dataset(name, data=data.reshape(arr.shape), dtype=h5py.special_dtype(vlen=bytes))
+                if self._checksum:
+                    ds.attrs[CHECKSUM_ATTR] = _items_sha256(items)
+            elif self._checksum:
+                group.create_dataset(name, data=arr, compression=self._compression, fletcher32=True,
+                                     chunks=_chunks(arr.shape, arr.dtype.itemsize))
             else:
                 group.create_dataset(name, data=arr, compression=self._compression)
 
@@ -185,9 +252,13 @@ class TFFHDF5Writer(StoreWriter):
         self._file.abort()
 
 
-def write_tff_hdf5(data, path: str | os.PathLike, *, overwrite: bool = False, compression: str | None = None) -> str:
-    """Writes every client of ``data`` (a FederatedData or ``{id: examples}``) to ``path``."""
+def write_tff_hdf5(data, path: str | os.PathLike, *, overwrite: bool = False, compression: str | None = None,
+                   checksum: bool = True) -> str:
+    """Writes every client of ``data`` (a FederatedData or ``{id: examples}``) to ``path``.
+
+    ``checksum=True`` (the default): fletcher32 on numeric features, a sha256 attribute on text ones.
+    """
     items = data.items() if isinstance(data, Mapping) else ((c, data.get_client(c)) for c in data.client_ids)
-    with TFFHDF5Writer(path, overwrite=overwrite, compression=compression) as writer:
+    with TFFHDF5Writer(path, overwrite=overwrite, compression=compression, checksum=checksum) as writer:
         writer.add_many(items)
     return os.fspath(path)
