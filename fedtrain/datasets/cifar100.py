@@ -1,7 +1,8 @@
 """Federated CIFAR-100: 500 train / 100 test clients of 100 images (TFF's Pachinko partition).
 
 ``source='tff'`` (default) fetches TFF's ``cifar100.sqlite.lzma`` (size and
-sha256 checked, as FedJAX does); ``'tff-hdf5'`` the legacy ``fed_cifar100.tar.bz2``;
+sha256 checked, as FedJAX does); ``'tff-hdf5'`` the legacy ``fed_cifar100.tar.bz2``
+(sha256 checked, as TFF did);
 ``'synthetic'`` seeded data of the same shapes. Raw features: ``image`` uint8
 [N,32,32,3], ``label`` [0,100), ``coarse_label`` [0,20). ``load_data`` gives
 ``x`` (the uint8 image), ``y`` (fine, or coarse with ``coarse=True``) int32;
@@ -22,8 +23,13 @@ from fedtrain.data.tff_hdf5 import TFFHDF5Data
 from fedtrain.data.tff_sqlite import TFFSQLiteData
 
 TFF_URL = "https://storage.googleapis.com/tff-datasets-public/"
+# Size and sha256 from FedJAX (fedjax/datasets/cifar100.py, _TFF_SQLITE_COMPRESSED_*).
 TFF_SQLITE = Remote(TFF_URL + "cifar100.sqlite.lzma", "cifar100.sqlite.lzma", 153_019_920,
                     "23d3916c9caa33395737ee560cc7cb77bbd05fc7b73647ee7be3a7e764172939")
+# sha256 from tff.simulation.datasets.cifar100.load_data (TFF 0.17 and before, tf.keras.utils.get_file's
+# file_hash); TFF gives no size.
+TFF_HDF5 = Remote(TFF_URL + "fed_cifar100.tar.bz2", "fed_cifar100.tar.bz2",
+                  sha256="e8575e22c038ecef1ce6c7d492d7abee7da13b1e1ba9b70a7fc18531ba7590de")
 SPLITS = ("train", "test")
 SOURCES = ("tff", "tff-hdf5", "synthetic")
 FEATURES = {"image": ((32, 32, 3), np.uint8), "label": ((), np.int64), "coarse_label": ((), np.int64)}
@@ -38,8 +44,7 @@ def raw_split(split: str, *, source: str = "tff", cache_dir=None, progress: bool
     if source == "tff":
         return TFFSQLiteData(fetch_lzma(TFF_SQLITE, cache_dir, progress=progress), split, features=FEATURES)
     if source == "tff-hdf5":
-        remote = Remote(TFF_URL + "fed_cifar100.tar.bz2", "fed_cifar100.tar.bz2")
-        return TFFHDF5Data(fetch_member(remote, f"fed_cifar100_{split}.h5", cache_dir, progress=progress))
+        return TFFHDF5Data(fetch_member(TFF_HDF5, f"fed_cifar100_{split}.h5", cache_dir, progress=progress))
     if source == "synthetic":
         return SyntheticFederatedData.like("cifar100", seed=0 if split == "train" else 1,
                                            num_clients=500 if split == "train" else 100)

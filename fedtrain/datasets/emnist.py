@@ -21,8 +21,19 @@ from fedtrain.data.synthetic import SyntheticFederatedData
 from fedtrain.data.tff_hdf5 import TFFHDF5Data
 from fedtrain.data.tff_sqlite import TFFSQLiteData
 
+# FedJAX's sqlite files and TFF's emnist_all.sqlite.lzma are unpinned: neither project's download code
+# lists a size or sha256 for them, so only the sidecar record of the first download guards them.
 FEDJAX_URL = "https://storage.googleapis.com/gresearch/fedjax/emnist/"
 TFF_URL = "https://storage.googleapis.com/tff-datasets-public/"
+TFF_SQLITE = Remote(TFF_URL + "emnist_all.sqlite.lzma", "emnist_all.sqlite.lzma")
+# sha256 of TFF's legacy archives, from tff.simulation.datasets.emnist.load_data (TFF 0.17 and before, which
+# fetched them with tf.keras.utils.get_file(file_hash=...)); TFF gives no sizes.
+TFF_HDF5 = {
+    False: Remote(TFF_URL + "fed_emnist.tar.bz2", "fed_emnist.tar.bz2",
+                  sha256="fe1ed5a502cea3a952eb105920bff8cffb32836b5173cb18a57a32c3606f3ea0"),
+    True: Remote(TFF_URL + "fed_emnist_digitsonly.tar.bz2", "fed_emnist_digitsonly.tar.bz2",
+                 sha256="55333deb8546765427c385710ca5e7301e16f4ed8b60c1dc5ae224b42bd5b14b"),
+}
 SPLITS = ("train", "test")
 SOURCES = ("fedjax", "tff", "tff-hdf5", "synthetic")
 TFF_FEATURES = {"pixels": ((28, 28), np.float32), "label": ((), np.int32)}
@@ -58,14 +69,12 @@ def raw_split(split: str, *, only_digits: bool = False, source: str = "fedjax", 
         name = f"federated_emnist_{'digitsonly_' if only_digits else ''}{split}.sqlite"
         return FedjaxSQLiteData(download(Remote(FEDJAX_URL + name, name), cache_dir, progress=progress))
     if source == "tff":
-        path = fetch_lzma(Remote(TFF_URL + "emnist_all.sqlite.lzma", "emnist_all.sqlite.lzma"), cache_dir,
-                          progress=progress)
+        path = fetch_lzma(TFF_SQLITE, cache_dir, progress=progress)
         tff_split = f"{'digits_only' if only_digits else 'all'}_{split}"
         return TFFSQLiteData(path, tff_split, features=TFF_FEATURES)
     if source == "tff-hdf5":
-        tar = "fed_emnist_digitsonly.tar.bz2" if only_digits else "fed_emnist.tar.bz2"
         member = f"fed_emnist{'_digitsonly' if only_digits else ''}_{split}.h5"
-        return TFFHDF5Data(fetch_member(Remote(TFF_URL + tar, tar), member, cache_dir, progress=progress))
+        return TFFHDF5Data(fetch_member(TFF_HDF5[bool(only_digits)], member, cache_dir, progress=progress))
     if source == "synthetic":
         data = SyntheticFederatedData.like("emnist_digits" if only_digits else "emnist",
                                            seed=0 if split == "train" else 1)

@@ -121,8 +121,10 @@ def _to_federated(snippets: dict[str, list[str]], sequence_length: int) -> InMem
     return InMemoryFederatedData(clients, _sizes={c: len(e["x"]) for c, e in clients.items()}, _validated=True)
 
 
-FEDJAX_URL = "https://storage.googleapis.com/gresearch/fedjax/shakespeare/"
+FEDJAX_URL = "https://storage.googleapis.com/gresearch/fedjax/shakespeare/"  # sqlite files unpinned: no hash upstream
 TFF_URL = "https://storage.googleapis.com/tff-datasets-public/shakespeare.sqlite.lzma"
+# Size and sha256 of TFF's file from FedJAX's own download test (fedjax/datasets/downloads_test.py).
+TFF_SIZE, TFF_SHA256 = 1_329_828, "d3d11fceb9e105439ac6f4d52af6efafed5a2a1e1eb24c5bd2dd54ced242f5c4"
 SOURCES = ("offline", "fedjax", "tff")
 
 
@@ -138,7 +140,8 @@ def raw_split(split: str, *, source: str = "fedjax", cache_dir=None, progress: b
         name = f"shakespeare_{split}.sqlite"
         return FedjaxSQLiteData(download(Remote(FEDJAX_URL + name, name), cache_dir, progress=progress))
     if source == "tff":
-        return TFFSQLiteData(fetch_lzma(Remote(TFF_URL, "shakespeare.sqlite.lzma"), cache_dir, progress=progress), split)
+        remote = Remote(TFF_URL, "shakespeare.sqlite.lzma", TFF_SIZE, TFF_SHA256)
+        return TFFSQLiteData(fetch_lzma(remote, cache_dir, progress=progress), split)
     raise ValueError(f"unknown source {source!r}; use one of {SOURCES}.")
 
 

@@ -23,6 +23,9 @@ from fedtrain.data.fedjax_sqlite import FedjaxSQLiteData
 from fedtrain.data.synthetic import SyntheticFederatedData
 from fedtrain.data.tff_sqlite import TFFSQLiteData
 
+# Unpinned: neither FedJAX nor TFF lists a size or sha256 for FedJAX's sqlite files, the plain word-count
+# file or TFF's stackoverflow.sqlite.lzma (TFF pins only the .tar.bz2 word/tag counts, which fedtrain does
+# not fetch), so only the sidecar record of the first download guards them.
 FEDJAX_URL = "https://storage.googleapis.com/gresearch/fedjax/stackoverflow/"
 WORD_COUNT = Remote(FEDJAX_URL + "stackoverflow.word_count", "stackoverflow.word_count")
 TFF_SQLITE = Remote("https://storage.googleapis.com/tff-datasets-public/stackoverflow.sqlite.lzma",
