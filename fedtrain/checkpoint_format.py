@@ -13,7 +13,9 @@ results of an uninterrupted run.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,25 @@ class CheckpointError(RuntimeError):
 
 class CheckpointMismatchError(CheckpointError, ValueError):
     """A checkpoint was written by a different model, algorithm or client state layout."""
+
+
+class CheckpointCorruptError(CheckpointError):
+    """A checkpoint step's own files are damaged: missing, truncated or altered (proven by what was read)."""
+
+    def __init__(self, message: str, detail: str | None = None) -> None:
+        super().__init__(message)
+        self.detail = detail or message  # what was found, without the step's name
+
+
+class CheckpointReadError(CheckpointError):
+    """A checkpoint step could not be read for a reason outside its files (the path, permissions,
+    the installed packages, a bug): never treated as damage, so nothing is skipped or set aside."""
+
+
+def absolute(directory: str | os.PathLike) -> Path:
+    """``directory`` as an absolute path. Orbax refuses relative paths, and a relative path means
+    something else once the working directory changes, so every path is made absolute on the way in."""
+    return Path(os.path.abspath(os.fspath(directory)))
 
 
 def _version() -> str:
@@ -142,12 +163,72 @@ def _steps(directory: Path) -> list[int]:
 
 
 def _read_metadata(step_dir: Path) -> dict:
-    import json
-
     path = step_dir / "metadata" / "metadata"
     if not path.exists():
-        raise CheckpointError(f"{step_dir} has no metadata file")
-    return json.loads(path.read_text())
+        if not (step_dir / "server_state").is_dir():
+            raise CheckpointMismatchError(
+                f"{step_dir} is not a fedtrain checkpoint step (it has neither metadata/ nor server_state/); "
+                "restore from a directory that OrbaxCheckpoint wrote.")
+        raise CheckpointCorruptError(f"{step_dir} has no metadata file")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointCorruptError(f"{path} is not valid JSON ({e})") from e
+
+
+def _check_files(step_dir: Path, meta: dict) -> None:
+    """Every item a finished step must hold (orbax writes a step whole, then renames it into place)."""
+    items = ["server_state"]
+    if meta.get("client_ids"):
+        items.append("client_states")
+    if meta.get("callback_array_keys"):
+        items.append("callback_arrays")
+    for item in items:
+        if not (step_dir / item / "_METADATA").is_file():
+            raise CheckpointCorruptError(f"{step_dir / item} is missing its orbax _METADATA file")
+
+
+# Tensorstore status codes that name damage to the files read (a missing, short or undecodable file).
+_DAMAGE_STATUS = ("DATA_LOSS", "OUT_OF_RANGE", "NOT_FOUND")
+
+
+def _is_damage(err: BaseException, step_dir: Path) -> bool:
+    """True only when ``err`` proves that the files of ``step_dir`` are damaged; anything else (a
+    relative or wrong path, permissions, a missing package, a bug) is a usage error."""
+    if isinstance(err, CheckpointCorruptError):
+        return True
+    if isinstance(err, CheckpointError) or not step_dir.is_dir():
+        return False
+    if isinstance(err, (json.JSONDecodeError, UnicodeDecodeError)):
+        return True  # a JSON file orbax wrote in the step no longer parses
+    text = str(err)
+    inside = str(step_dir) + os.sep
+    names_step = inside in text
+    if isinstance(err, FileNotFoundError):  # a file the step must hold is gone
+        return names_step or (err.filename is not None and str(absolute(err.filename)).startswith(inside))
+    if type(err) is ValueError:
+        return text.startswith(_DAMAGE_STATUS) and names_step
+    return False
+
+
+def _short(err: BaseException) -> str:
+    text = str(err).split(" [tensorstore_spec", 1)[0].strip()
+    return f"{type(err).__name__}: {text[:400]}{'...' if len(text) > 400 else ''}"
+
+
+def _read_failure(step_dir: Path, err: BaseException) -> CheckpointError:
+    """What a failed read of ``step_dir`` means: damage (the caller may fall back) or a usage error."""
+    if isinstance(err, CheckpointMismatchError):
+        return err
+    if _is_damage(err, step_dir):
+        return err if isinstance(err, CheckpointCorruptError) else CheckpointCorruptError(
+            f"{step_dir} is damaged: {_short(err)}", _short(err))
+    if isinstance(err, CheckpointReadError):
+        return err
+    return CheckpointReadError(
+        f"cannot read checkpoint {step_dir}: this is not a damaged checkpoint, so it was neither skipped nor "
+        f"set aside; reading it failed with {_short(err)}. Fix the cause (the path, permissions, the installed "
+        "orbax/tensorstore) and retry.")
 
 
 def _check_compatible(trainer, meta: dict, where: Path) -> None:
@@ -203,9 +284,10 @@ def _diff_structure(what: str, saved: list, here: list) -> list[str]:
 def _load_step(trainer, directory: Path, step: int) -> dict:
     """Reads and verifies one step; returns the trainer state dict it holds."""
     ocp = _ocp()
-    step_dir = directory / str(step)
+    step_dir = absolute(directory) / str(step)
     meta = _read_metadata(step_dir)
     _check_compatible(trainer, meta, step_dir)
+    _check_files(step_dir, meta)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _server_tree(trainer))
     handler = ocp.StandardCheckpointHandler()
     ckptr = ocp.Checkpointer(handler)
@@ -223,7 +305,7 @@ def _load_step(trainer, directory: Path, step: int) -> dict:
     finally:
         ckptr.close()
     if _checksum(server_state, rows) != meta.get("checksum"):
-        raise CheckpointError(f"{step_dir}: the arrays do not match the checksum in the metadata")
+        raise CheckpointCorruptError(f"{step_dir}: the arrays do not match the checksum in the metadata")
     client_states = None
     if rows is not None:
         names = sorted(rows)
@@ -266,31 +348,42 @@ def _set_aside(directory: Path, step: int) -> None:
         pass
 
 
+def _load(trainer, directory: Path, step: int) -> dict:
+    try:
+        return _load_step(trainer, directory, step)
+    except Exception as e:
+        failure = _read_failure(directory / str(step), e)
+        if failure is e:
+            raise
+        raise failure from e
+
+
 def restore_latest(trainer, directory, step: int | None = None, *, set_aside: bool = False) -> dict | None:
     """Restores ``step`` (or the newest readable step) into ``trainer``; returns its metadata or None.
 
-    An unreadable newest step is skipped with a warning (and, with ``set_aside``, renamed
-    ``<step>.corrupt`` so it is never overwritten or read again). A step written by a different
-    model or algorithm raises :class:`CheckpointMismatchError`; nothing on disk changes.
+    A newest step whose files are damaged (:class:`CheckpointCorruptError`: missing or truncated files,
+    unparseable JSON, arrays that do not match the checksum) is skipped with a warning and, with
+    ``set_aside``, renamed ``<step>.corrupt`` so it is never overwritten or read again. Any other
+    failure to read raises and changes nothing on disk: a step written by a different model or
+    algorithm (:class:`CheckpointMismatchError`), or a read that fails for a reason outside the
+    step's files, such as the path, permissions or the installed packages (:class:`CheckpointReadError`).
     """
-    directory = Path(directory)
+    directory = absolute(directory)
     steps = _steps(directory)
     if step is not None:
         if int(step) not in steps:
             raise CheckpointError(f"no checkpoint for step {step} in {directory} (steps: {steps})")
-        state = _load_step(trainer, directory, int(step))
+        state = _load(trainer, directory, int(step))
         meta = state["meta"]
         _apply(trainer, state)
         return meta
     bad = []
     for s in reversed(steps):
         try:
-            state = _load_step(trainer, directory, s)
-        except CheckpointMismatchError:
-            raise
-        except Exception as e:  # unreadable, truncated or altered: fall back to the previous step
+            state = _load(trainer, directory, s)
+        except CheckpointCorruptError as e:  # damaged: fall back to the previous step
             bad.append(s)
-            warnings.warn(f"checkpoint {directory / str(s)} is unreadable ({type(e).__name__}: {e}); "
+            warnings.warn(f"checkpoint {directory / str(s)} is unreadable (damaged: {e.detail}); "
                           "falling back to the previous one.", RuntimeWarning, stacklevel=3)
             continue
         meta = state["meta"]
@@ -307,18 +400,20 @@ def restore_latest(trainer, directory, step: int | None = None, *, set_aside: bo
 
 def restore_trainer(trainer, directory, step: int | None = None) -> int:
     """``trainer.restore``: loads a checkpoint (newest good one by default); returns completed rounds."""
-    directory = Path(directory)
+    directory = absolute(directory)
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint directory {directory} does not exist")
     meta = restore_latest(trainer, directory, step)
     if meta is None:
-        raise CheckpointError(f"no readable checkpoint in {directory}")
+        raise CheckpointError(f"no readable checkpoint in {directory}: every step is damaged "
+                              f"(steps: {_steps(directory)})" if _steps(directory) else
+                              f"no checkpoint in {directory}")
     return int(meta["round"])
 
 
 def latest_step(directory) -> int | None:
     """The newest finished step in an OrbaxCheckpoint directory (None if there is none)."""
-    steps = _steps(Path(directory))
+    steps = _steps(absolute(directory))
     return steps[-1] if steps else None
 
 

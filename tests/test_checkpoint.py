@@ -4,6 +4,7 @@ import errno
 import json
 import math
 import os
+import warnings
 
 import jax
 import numpy as np
@@ -219,3 +220,64 @@ def test_early_stopping_best_weights_survive_a_resume(tmp_path):
     resumed.fit(rounds=3, **FIT, callbacks=cbs2)  # nothing left to train: only the restore runs
     assert resumed.round == 3 and tree_equal(es2.best_weights, best)
     assert es2.best == es.best and es2.best_round == es.best_round
+
+
+def test_a_read_error_that_is_not_damage_is_raised_and_nothing_is_set_aside(tmp_path, monkeypatch):
+    # An error about how the checkpoint is read (here orbax refusing a relative path, as it did before
+    # every path was made absolute) is not corruption: restore raises it, nothing is skipped or renamed.
+    import orbax.checkpoint as ocp
+
+    make_trainer().fit(rounds=2, **FIT, callbacks=[OrbaxCheckpoint(tmp_path, async_save=False)])
+    before = snapshot(tmp_path)
+
+    def refuse(self, directory, *args, **kwargs):
+        raise ValueError(f"Checkpoint path should be absolute. Got {os.path.relpath(directory)}")
+
+    monkeypatch.setattr(ocp.Checkpointer, "restore", refuse)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(CheckpointError, match=r"cannot read .*2.*not a damaged checkpoint.*should be absolute"):
+            make_trainer().restore(tmp_path)
+        with pytest.raises(CheckpointError, match="should be absolute"):
+            make_trainer().fit(rounds=3, **FIT, callbacks=[OrbaxCheckpoint(tmp_path, async_save=False)])
+    assert snapshot(tmp_path) == before
+    for error in (TypeError("restore() got an unexpected keyword argument"), ImportError("no module named x"),
+                  PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "2" / "server_state"))):
+        def fail(self, *args, error=error, **kwargs):
+            raise error
+
+        monkeypatch.setattr(ocp.Checkpointer, "restore", fail)
+        with pytest.raises(CheckpointError, match="not a damaged checkpoint"):
+            make_trainer().fit(rounds=3, **FIT, callbacks=[OrbaxCheckpoint(tmp_path, async_save=False)])
+        assert snapshot(tmp_path) == before
+
+
+# A failed read of damaged arrays leaves orbax's background tasks to end on a closed event loop.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("damage", ["truncate_array", "delete_array", "metadata_json", "checksum"])
+def test_damaged_newest_step_falls_back_and_is_set_aside(tmp_path, damage):
+    make_trainer().fit(rounds=3, **FIT, callbacks=[OrbaxCheckpoint(tmp_path, async_save=False)])
+    newest = tmp_path / "3"
+    if damage in ("truncate_array", "delete_array"):
+        data = [p for p in (newest / "server_state" / "d").iterdir() if p.is_file()]  # what the manifest reads
+        biggest = max(data, key=lambda p: p.stat().st_size)
+        if damage == "delete_array":
+            biggest.unlink()
+        else:
+            biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])
+    else:
+        path = newest / "metadata" / "metadata"
+        text = path.read_text()
+        if damage == "checksum":
+            meta = json.loads(text)
+            meta["checksum"] = "0" * 64
+            path.write_text(json.dumps(meta))
+        else:
+            path.write_text(text[: len(text) // 2])
+    with pytest.warns(RuntimeWarning, match=r"checkpoint .*3 is unreadable \(damaged.*falling back"):
+        assert make_trainer().restore(tmp_path) == 2
+    assert steps(tmp_path) == [1, 2, 3]  # an explicit restore changes nothing on disk
+    cb = OrbaxCheckpoint(tmp_path, async_save=False)
+    with pytest.warns(RuntimeWarning, match="is unreadable"):
+        make_trainer().fit(rounds=3, **FIT, callbacks=[cb])
+    assert cb.restored_round == 2 and (tmp_path / "3.corrupt").is_dir()

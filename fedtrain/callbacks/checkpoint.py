@@ -10,11 +10,13 @@ import math
 import os
 import shutil
 import warnings
-from pathlib import Path
 
 from fedtrain.callbacks.base import Callback
 from fedtrain.callbacks.early_stopping import MonitoredMetric
-from fedtrain.checkpoint_format import (CheckpointError, CheckpointMismatchError, _callback_arrays, _history_with, _metadata, _ocp, _server_tree, _stack_clients, _steps, latest_step, log, restore_latest)
+from fedtrain.checkpoint_format import (CheckpointCorruptError, CheckpointError, CheckpointMismatchError,
+                                        CheckpointReadError, _callback_arrays, _history_with, _metadata, _ocp,
+                                        _server_tree, _stack_clients, _steps, absolute, latest_step, log,
+                                        restore_latest)
 
 # ---------------------------------------------------------------------- the callbacks
 class OrbaxCheckpoint(Callback):
@@ -27,7 +29,11 @@ class OrbaxCheckpoint(Callback):
     background while the next rounds run. ``resume``: at train begin, restore the
     newest good checkpoint in ``directory`` (so rerunning a script continues it) unless the
     trainer already holds trained state (a second ``fit``, or after ``trainer.restore``).
-    A round whose loss is not finite is never saved.
+    A damaged newest step (missing or truncated files, a checksum mismatch) is renamed
+    ``<step>.corrupt`` and the previous one restored; any other failure to read a step (a
+    different model, permissions, the installed packages) raises and leaves the directory as it is.
+    A round whose loss is not finite is never saved. ``directory`` may be relative (to the
+    working directory when the callback is created).
     """
 
     runs_late = True
@@ -43,7 +49,7 @@ class OrbaxCheckpoint(Callback):
         if save_best_only and not monitor:
             raise ValueError("save_best_only=True needs monitor= (e.g. monitor='val_loss'): "
                              "without it there is no 'best' to keep.")
-        self.directory = Path(directory).absolute()
+        self.directory = absolute(directory)  # orbax needs absolute paths; the working directory may change
         self.every_rounds = int(every_rounds)
         self.max_to_keep = None if max_to_keep is None else int(max_to_keep)
         self.save_best_only = bool(save_best_only)
@@ -199,4 +205,5 @@ def _finite_round(logs: dict) -> bool:
     return True
 
 
-__all__ = ["BackupAndRestore", "CheckpointError", "CheckpointMismatchError", "OrbaxCheckpoint", "latest_step"]
+__all__ = ["BackupAndRestore", "CheckpointCorruptError", "CheckpointError", "CheckpointMismatchError",
+           "CheckpointReadError", "OrbaxCheckpoint", "latest_step"]

@@ -4,17 +4,31 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import numpy as np
+
+
+def _abs(path: str) -> str:
+    """A path from the command line made absolute before anything opens it."""
+    return os.path.abspath(os.fspath(path))
+
+
+def _output(path: str) -> str:
+    """An output path made absolute, its folder created."""
+    path = _abs(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    return path
 
 
 def cmd_data_inspect(args: argparse.Namespace) -> int:
     from fedtrain.data.convert import describe, detect_format, open_store
 
-    data = open_store(args.path, split=args.split)
+    path = _abs(args.path)
+    data = open_store(path, split=args.split)
     info = describe(data)
     sizes = info.pop("sizes")
-    info = {"path": args.path, "format": detect_format(args.path), **info}
+    info = {"path": args.path, "format": detect_format(path), **info}
     if args.json:
         print(json.dumps(info, indent=2, default=str))
     else:
@@ -37,7 +51,7 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
         ax.set_ylabel("clients")
         ax.set_title(f"{info['num_clients']:,} clients, {info['num_examples']:,} examples")
         fig.tight_layout()
-        fig.savefig(args.histogram, dpi=100)
+        fig.savefig(_output(args.histogram), dpi=100)
         print(f"  histogram written to {args.histogram}")
     if hasattr(data, "close"):
         data.close()
@@ -47,7 +61,7 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
 def cmd_data_convert(args: argparse.Namespace) -> int:
     from fedtrain.data.convert import convert, describe, open_store
 
-    out = convert(args.input, args.output, args.format, split=args.split, overwrite=args.overwrite)
+    out = convert(_abs(args.input), _output(args.output), args.format, split=args.split, overwrite=args.overwrite)
     info = describe(open_store(out, split=args.split if args.format == "tff-sqlite" else None))
     print(f"wrote {out}: {info['num_clients']:,} clients, {info['num_examples']:,} examples")
     return 0
@@ -57,7 +71,7 @@ def cmd_data_partition(args: argparse.Namespace) -> int:
     from fedtrain.data import partitioners
     from fedtrain.data.convert import write_store
 
-    with np.load(args.input, allow_pickle=False) as z:
+    with np.load(_abs(args.input), allow_pickle=False) as z:
         arrays = {k: z[k] for k in z.files}
     labels = arrays.get(args.label_key)
     n = len(next(iter(arrays.values())))
@@ -75,7 +89,7 @@ def cmd_data_partition(args: argparse.Namespace) -> int:
         part = partitioners.by_key(arrays.pop(args.key))
     else:
         part = partitioners.sized(n, args.num_clients, args.distribution, seed=args.seed)
-    write_store(part.apply(arrays), args.output, args.format, overwrite=args.overwrite)
+    write_store(part.apply(arrays), _output(args.output), args.format, overwrite=args.overwrite)
     print(part.format_summary(labels))
     print(f"wrote {args.output}")
     return 0
