@@ -180,23 +180,23 @@ def test_tensorboard_event_files_hold_the_values(data, tmp_path):
     scalars = read_scalars(tmp_path / "tb")
     assert set(scalars) == {"train", "validation"}
     train, val = scalars["train"], scalars["validation"]
-    assert [s for s, _ in train["loss"]] == [1, 2, 3, 4]
+    assert [s for s, _ in train["loss"]] == [0, 1, 2, 3]  # step = round, 0-indexed
     np.testing.assert_allclose([v for _, v in train["loss"]], history.history["loss"], rtol=1e-6)
     np.testing.assert_allclose([v for _, v in train["accuracy"]], history.history["accuracy"], rtol=1e-6)
-    assert [s for s, _ in val["loss"]] == [2, 4]
+    assert [s for s, _ in val["loss"]] == [1, 3]
     np.testing.assert_allclose([v for _, v in val["loss"]], [history.history["val_loss"][i] for i in (1, 3)],
                                rtol=1e-6)
     assert "round_time" not in train
     histos = read_histograms(tmp_path / "tb")["train"]
     losses = histos["clients/loss"]
-    assert [s for s, _ in losses] == [1, 2, 3, 4]
+    assert [s for s, _ in losses] == [0, 1, 2, 3]
     h = losses[0][1]
     r0 = [c["loss"] for c in per_client[0]]
     assert h.num == 3 and h.min == pytest.approx(min(r0), rel=1e-6) and h.max == pytest.approx(max(r0), rel=1e-6)
     assert h.sum == pytest.approx(sum(r0), rel=1e-6)
     norms = histos["clients/update_norm"][0][1]
     assert norms.max == pytest.approx(max(c["update_norm"] for c in per_client[0]), rel=1e-6)
-    assert [s for s, _ in histos["params/l1/kernel/value"]] == [2, 4]
+    assert [s for s, _ in histos["params/l1/kernel/value"]] == [1, 3]  # after every 2 completed rounds
     assert histos["params/l1/kernel/value"][0][1].num == 8 * 16
     # Hyperparameters are recorded (the HParams plugin's session start info).
     from fedtrain.logs.events import event_files, read_events
@@ -204,6 +204,33 @@ def test_tensorboard_event_files_hold_the_values(data, tmp_path):
     plugins = {v.metadata.plugin_data.plugin_name for f in event_files(tmp_path / "tb") for e in read_events(f)
                for v in e.summary.value}
     assert "hparams" in plugins
+
+
+def test_tensorboard_steps_and_csv_rounds_are_the_same_numbers(data, tmp_path):
+    # One convention: the round of callbacks and History, the CSV's round column and the TensorBoard
+    # step are all 0-indexed; an event file written by the callback is read back to check it.
+    from fedtrain.logs.events import event_files, read_events
+    from fedtrain.logs.runs import load_run
+
+    trainer = make_trainer(data)
+    seen = []
+    history = trainer.fit(rounds=3, **FIT, validation_data=data, validation_freq=[2, 3], callbacks=[
+        fedtrain.callbacks.LambdaCallback(on_round_end=lambda r, logs: seen.append(r)),
+        CSVLogger(tmp_path / "run" / "metrics.csv"), TensorBoard(tmp_path / "run" / "tb")])
+    with open(tmp_path / "run" / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    csv_rounds = [int(r["round"]) for r in rows]
+    files = event_files(tmp_path / "run" / "tb" / "train")
+    assert len(files) == 1
+    steps = sorted({e.step for e in read_events(files[0]) for v in e.summary.value
+                    if v.tag == "loss" and v.HasField("simple_value")})
+    assert seen == history.rounds == csv_rounds == steps == [0, 1, 2]
+    scalars = read_scalars(tmp_path / "run" / "tb")
+    val_csv = [int(r["round"]) for r in rows if r["val_loss"] != "NA"]
+    assert [s for s, _ in scalars["validation"]["loss"]] == val_csv == [1, 2]
+    for step, value in scalars["train"]["loss"]:
+        assert float(rows[step]["loss"]) == pytest.approx(value, rel=1e-6)
+    assert load_run(tmp_path / "run" / "tb")[0] == load_run(tmp_path / "run")[0] == [0, 1, 2]
 
 
 def test_tensorboard_without_client_histograms_does_not_fetch_client_results(data, tmp_path):
@@ -227,10 +254,39 @@ def test_history_plot_and_plot_run(data, tmp_path):
     assert plots.main([str(tmp_path / "run")]) == 0
     assert (tmp_path / "run" / "curves.png").read_bytes()[:4] == b"\x89PNG"
     rounds, curves = plots.load_run(tmp_path / "tb")
-    assert rounds == [0, 1, 2]
+    assert rounds == [0, 1, 2] == history.rounds
     np.testing.assert_allclose(curves["val_loss"], history.history["val_loss"], rtol=1e-6)
     with pytest.raises(SystemExit):
         plots.main([str(tmp_path / "empty")])
+
+
+def test_plot_has_integer_round_ticks_and_names_the_recipe(data, tmp_path):
+    pytest.importorskip("matplotlib")
+    from matplotlib.ticker import MaxNLocator
+
+    from fedtrain.logs import plots
+
+    workdir = tmp_path / "shk"
+    trainer = make_trainer(data)
+    history = trainer.fit(rounds=3, **FIT, validation_data=data, callbacks=[CSVLogger(workdir / "metrics.csv")])
+    (workdir / "fedtrain_run.json").write_text(json.dumps(
+        {"recipe": "shakespeare_fedavg", "variant": "demo", "config": {}, "segments": []}))
+    fig = plots.run_figure(workdir)
+    assert fig._suptitle is not None and "shakespeare_fedavg:demo" in fig._suptitle.get_text()
+    for ax in fig.axes:
+        locator = ax.xaxis.get_major_locator()
+        assert isinstance(locator, MaxNLocator) and locator._integer
+        fig.canvas.draw()
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks)
+        assert list(ax.lines[0].get_xdata()) == history.rounds == [0, 1, 2]  # the logs' 0-indexed rounds
+    out = plots.plot_run(workdir)
+    assert out == workdir / "curves.png" and out.read_bytes()[:4] == b"\x89PNG"
+    fig = history.plot()  # History.plot draws the same way
+    assert all(isinstance(ax.xaxis.get_major_locator(), MaxNLocator) for ax in fig.axes)
+    # Without a run record the title is the directory's name.
+    (workdir / "fedtrain_run.json").unlink()
+    assert plots.run_figure(workdir)._suptitle.get_text() == "shk"
 
 
 def test_plots_without_matplotlib_give_a_clear_error(monkeypatch):

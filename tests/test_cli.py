@@ -107,3 +107,75 @@ def test_missing_dataset_offline_names_file(tmp_path):
     assert "federated_emnist_train.sqlite" in result.stderr
     assert "https://storage.googleapis.com/gresearch/fedjax/emnist/" in result.stderr
     assert str(tmp_path / "cache") in result.stderr
+
+
+def train_here(workdir, *extra):
+    from fedtrain.cli import main
+
+    return main(["train", TINY, "--workdir", str(workdir), "--progress", "none", *extra])
+
+
+def segments(workdir):
+    return json.loads((workdir / "fedtrain_run.json").read_text())["segments"]
+
+
+def test_changed_config_is_refused_then_kept_as_a_new_segment(tmp_path, capsys):
+    w = tmp_path / "run"
+    assert train_here(w, "--config.rounds=1") == 0
+    assert [s["start_round"] for s in segments(w)] == [0]
+    before = (w / "fedtrain_run.json").read_text()
+    capsys.readouterr()
+    changed = ["--config.client_learning_rate=0.5", "--config.batch_size=4"]
+    assert train_here(w, "--config.rounds=2", *changed) == 2
+    err = capsys.readouterr().err
+    assert "refusing to resume" in err and "--allow-config-change" in err
+    assert "config.client_learning_rate: 0.1 -> 0.5" in err and "config.batch_size: 20 -> 4" in err
+    assert "config.rounds: 1 -> 2" not in err  # a run-length key, not a refused change
+    assert (w / "fedtrain_run.json").read_text() == before and rounds_in(w) == [0]
+
+    assert train_here(w, "--config.rounds=2", *changed, "--allow-config-change") == 0
+    out = capsys.readouterr().out
+    assert "resuming emnist_fedavg" in out and "config.client_learning_rate: 0.1 -> 0.5" in out
+    record = json.loads((w / "fedtrain_run.json").read_text())
+    first, second = record["segments"]
+    assert (first["start_round"], second["start_round"]) == (0, 1)
+    assert first["config"]["client_learning_rate"] == 0.1 and first["config"]["rounds"] == 1
+    assert second["config"]["client_learning_rate"] == 0.5 and second["changes"]["batch_size"] == [20, 4]
+    assert first["started"] and second["started"] and record["config"] == second["config"]
+    assert rounds_in(w) == [0, 1]
+
+    # Training longer needs no flag; rerunning the same config adds no segment.
+    assert train_here(w, "--config.rounds=3", *changed) == 0
+    assert train_here(w, "--config.rounds=3", *changed) == 0
+    segs = segments(w)
+    assert [s["start_round"] for s in segs] == [0, 1, 2] and segs[2]["changes"] == {"rounds": [2, 3]}
+    assert rounds_in(w) == [0, 1, 2]
+    capsys.readouterr()
+    # Going back to the first learning rate is a change too; the identity keys never change.
+    assert train_here(w, "--config.rounds=3", "--config.batch_size=4") == 2
+    assert "config.client_learning_rate: 0.5 -> 0.1" in capsys.readouterr().err
+    assert train_here(w, "--config.rounds=4", *changed, "--config.seed=1", "--allow-config-change") == 2
+    assert "config.seed=0" in capsys.readouterr().err and len(segments(w)) == 3
+
+
+def test_run_record_without_segments_is_continued(tmp_path, capsys):
+    w = tmp_path / "run"
+    assert train_here(w, "--config.rounds=1") == 0
+    record = json.loads((w / "fedtrain_run.json").read_text())
+    old_config = record["config"]
+    del record["segments"]  # a record written before segments existed
+    (w / "fedtrain_run.json").write_text(json.dumps(record))
+    assert train_here(w, "--config.rounds=2") == 0
+    segs = segments(w)
+    assert [s["start_round"] for s in segs] == [0, 1]
+    assert segs[0]["config"] == old_config and segs[1]["changes"] == {"rounds": [1, 2]}
+
+
+def test_train_help_names_the_flag_and_the_run_length_keys(capsys):
+    from fedtrain.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--allow-config-change" in text
+    assert "run-length keys (rounds, checkpoint_every, validation_freq, validation_batch_size)" in text

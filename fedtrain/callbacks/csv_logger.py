@@ -1,4 +1,7 @@
-"""CSVLogger and JSONLinesLogger: one row per round, written as the round ends."""
+"""CSVLogger and JSONLinesLogger: one row per round, written as the round ends.
+
+``round`` is 0-indexed (like Keras' ``epoch`` column), the same number as the TensorBoard step and
+``History.rounds``."""
 
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ class CSVLogger(Callback):
 
     def __init__(self, filename: str | os.PathLike, separator: str = ",", append: bool = False) -> None:
         super().__init__()
-        self.filename = Path(filename)
+        self.filename = Path(os.path.abspath(os.fspath(filename)))
         self.sep = separator
         self.append = bool(append)
         self.keys: list[str] = []
@@ -113,7 +116,7 @@ class JSONLinesLogger(Callback):
 
     def __init__(self, filename: str | os.PathLike, append: bool = False) -> None:
         super().__init__()
-        self.filename = Path(filename)
+        self.filename = Path(os.path.abspath(os.fspath(filename)))
         self.append = bool(append)
         self._file = None
 

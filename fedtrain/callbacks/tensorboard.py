@@ -1,8 +1,9 @@
 """TensorBoard logging with tensorboardX.
 
 Scalars go to two runs, ``<log_dir>/train`` and ``<log_dir>/validation`` (``val_loss``
-is written as ``loss`` in the validation run), at step ``round + 1``. ``fedtrain.logs.events``
-reads the event files back.
+is written as ``loss`` in the validation run), at step ``round``: 0-indexed, the same number as
+the CSV's ``round``, ``History.rounds`` and the ``round`` of callbacks (Keras writes epoch ``e`` at
+step ``e`` too). ``fedtrain.logs.events`` reads the event files back.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ class TensorBoard(Callback):
     - scalars: every numeric log, ``train/`` and ``validation/`` runs;
     - ``client_histograms``: per-round histograms of the cohort's losses, update norms and sizes
       (``clients/loss``...; fetching per-client results is then enabled);
-    - ``histogram_freq``: parameter histograms every that many rounds (0: never);
+    - ``histogram_freq``: parameter histograms after every that many completed rounds (0: never),
+      i.e. at steps ``histogram_freq - 1``, ``2 * histogram_freq - 1``, ...;
     - hyperparameters of the algorithm and of ``fit`` as a TensorBoard HParams record.
     """
 
@@ -33,7 +35,7 @@ class TensorBoard(Callback):
         super().__init__()
         if int(histogram_freq) < 0:
             raise ValueError(f"histogram_freq must be >= 0, got {histogram_freq}.")
-        self.log_dir = Path(log_dir)
+        self.log_dir = Path(os.path.abspath(os.fspath(log_dir)))
         self.histogram_freq = int(histogram_freq)
         self.client_histograms = bool(client_histograms)
         self.write_hparams = bool(write_hparams)
@@ -75,7 +77,7 @@ class TensorBoard(Callback):
             fw.add_summary(s)
 
     def on_round_end(self, round: int, logs=None) -> None:
-        step = round + 1
+        step = round  # 0-indexed, as the CSV's round column and History.rounds
         for key, value in (logs or {}).items():
             if key in _NOT_SCALARS or not isinstance(value, (int, float)):
                 continue
@@ -83,7 +85,7 @@ class TensorBoard(Callback):
                 self._writer("validation").add_scalar(key[4:], float(value), step)
             else:
                 self._writer("train").add_scalar(key, float(value), step)
-        if self.histogram_freq and step % self.histogram_freq == 0:
+        if self.histogram_freq and (round + 1) % self.histogram_freq == 0:
             w = self._writer("train")
             for path, leaf in jax.tree_util.tree_flatten_with_path(self.trainer.params)[0]:
                 name = "params/" + "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
@@ -97,7 +99,7 @@ class TensorBoard(Callback):
             values = np.asarray([c.get(key, np.nan) for c in client_logs], np.float64)
             values = values[np.isfinite(values)]
             if values.size:
-                w.add_histogram(f"clients/{key}", values, round + 1)
+                w.add_histogram(f"clients/{key}", values, round)
 
     def on_train_end(self, logs=None) -> None:
         for w in self._writers.values():

@@ -5,17 +5,30 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+from pathlib import Path
 
 from fedtrain.cli.config import apply_overrides, load_recipe_module, recipe_config, recipe_dirs, resolve_recipe
+from fedtrain.logs.runs import RUN_RECORD as RUN_FILE
+from fedtrain.logs.runs import read_run_record
 
-RUN_FILE = "fedtrain_run.json"
+# Keys of a recipe config by what changing them means for a workdir that already holds rounds.
+IDENTITY_KEYS = ("task", "algorithm", "model", "data", "seed")  # another experiment: never resumed
+RUN_LENGTH_KEYS = ("rounds", "checkpoint_every", "validation_freq", "validation_batch_size")
+# Run-length keys say how long the run goes and how often it is checkpointed and evaluated; they do not
+# change what a round computes, so they may change on resume. Every other key (learning rates, batch size,
+# clients per round, local epochs or steps, backend...) is an experiment key: resuming with a different
+# value needs --allow-config-change.
+_MISSING = object()
+
+
+def _abs(path) -> Path:
+    """Every path from the command line is made absolute before anything uses it (orbax needs that)."""
+    return Path(os.path.abspath(os.fspath(path)))
 
 
 def _read_run(workdir) -> dict | None:
-    from pathlib import Path
-
-    f = Path(workdir) / RUN_FILE
-    return json.loads(f.read_text()) if f.exists() else None
+    return read_run_record(workdir)
 
 
 def _check_same_recipe(run: dict, recipe: str, variant: str | None, config: dict, workdir) -> None:
@@ -24,10 +37,44 @@ def _check_same_recipe(run: dict, recipe: str, variant: str | None, config: dict
             f"{workdir} holds a run of recipe {run['recipe']}{':' + run['variant'] if run.get('variant') else ''}, "
             f"not {recipe}{':' + variant if variant else ''}; refusing to resume it. "
             "Use another --workdir (or delete this one to start over).")
-    for key in ("task", "algorithm", "model", "data", "seed"):
+    for key in IDENTITY_KEYS:
         if run["config"].get(key) != config.get(key):
             raise ValueError(f"{workdir} was trained with config.{key}={run['config'].get(key)!r}, this run has "
-                             f"{config.get(key)!r}; refusing to resume it. Use another --workdir.")
+                             f"{config.get(key)!r}; refusing to resume it (task, algorithm, model, data and seed "
+                             "never change within a workdir, not even with --allow-config-change). "
+                             "Use another --workdir.")
+
+
+def _flatten(config: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def config_changes(old: dict, new: dict) -> dict[str, tuple]:
+    """``{dotted key: (old, new)}`` for every key whose value differs (``_MISSING`` where a key is absent)."""
+    a, b = _flatten(old), _flatten(new)
+    return {k: (a.get(k, _MISSING), b.get(k, _MISSING)) for k in sorted(a.keys() | b.keys())
+            if a.get(k, _MISSING) != b.get(k, _MISSING)}
+
+
+def _show(value) -> str:
+    return "(not set)" if value is _MISSING else repr(value)
+
+
+def _format_changes(changes: dict) -> str:
+    return "\n".join(f"  config.{k}: {_show(old)} -> {_show(new)}" for k, (old, new) in changes.items())
+
+
+def _segments(run: dict) -> list[dict]:
+    """The run record's segments; a record written before segments existed is one segment from round 0."""
+    if run.get("segments"):
+        return [dict(s) for s in run["segments"]]
+    return [{"start_round": 0, "config": run["config"], "started": None}]
 
 
 def _default(o):
@@ -35,33 +82,58 @@ def _default(o):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    import datetime
 
+    from fedtrain import __version__
     from fedtrain import callbacks as cb
     from fedtrain import experiment
     from fedtrain.checkpoint_format import latest_step
 
     path, variant = resolve_recipe(args.recipe)
-    recipe = Path(path).stem
+    recipe = _abs(path).stem
     config = apply_overrides(recipe_config(path, variant), args.overrides)
-    workdir = Path(args.workdir)
+    workdir = _abs(args.workdir)
     ckpt = workdir / "checkpoints"
     config_dict = json.loads(json.dumps(config.to_dict(), default=_default))
     run = _read_run(workdir)
-    resuming = ckpt.is_dir() and latest_step(ckpt) is not None
+    start = latest_step(ckpt)
+    resuming = start is not None
+    segments, changes = [], {}
     if run is not None and resuming:
         _check_same_recipe(run, recipe, variant, config_dict, workdir)
+        segments = _segments(run)
+        changes = config_changes(segments[-1]["config"], config_dict)
+        experiment_changes = {k: v for k, v in changes.items() if k.split(".")[0] not in RUN_LENGTH_KEYS}
+        if experiment_changes and not args.allow_config_change:
+            raise ValueError(
+                f"{workdir} holds {start} rounds trained with another config; refusing to resume it with "
+                f"changed hyperparameters (old -> new):\n{_format_changes(experiment_changes)}\n"
+                f"Rerun with --allow-config-change to continue from round {start} with the new values (the run "
+                f"record {RUN_FILE} keeps the config of every segment), or use another --workdir. Run-length "
+                f"keys ({', '.join('config.' + k for k in RUN_LENGTH_KEYS)}) may change without the flag.")
     elif resuming:
         raise ValueError(f"{ckpt} has checkpoints but {workdir / RUN_FILE} is missing, so the recipe that wrote "
                          "them is unknown; refusing to resume. Use another --workdir.")
     exp = experiment.build(config)
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / RUN_FILE).write_text(json.dumps(
-        {"recipe": recipe, "variant": variant, "recipe_path": path, "config": config_dict}, indent=2,
-        default=_default))
+    if not segments or changes:  # a new segment starts whenever the config differs from the last one's
+        segment = {"start_round": int(start or 0), "config": config_dict,
+                   "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                   "fedtrain_version": __version__}
+        if changes:
+            segment["changes"] = {k: [None if o is _MISSING else o, None if n is _MISSING else n]
+                                  for k, (o, n) in changes.items()}
+        segments.append(segment)
+    record = {"recipe": recipe, "variant": variant, "recipe_path": path, "config": config_dict,
+              "segments": segments}
+    tmp = workdir / f"{RUN_FILE}.tmp"
+    tmp.write_text(json.dumps(record, indent=2, default=_default))
+    tmp.replace(workdir / RUN_FILE)
     trainer = exp.trainer()
     if resuming:
-        print(f"resuming {recipe} from {ckpt} (round {latest_step(ckpt)})", flush=True)
+        print(f"resuming {recipe} from {ckpt} (round {start})", flush=True)
+        if changes:
+            print(f"config changed from round {start} (old -> new):\n{_format_changes(changes)}", flush=True)
     callbacks = [*exp.callbacks,
                  cb.CSVLogger(workdir / "metrics.csv", append=True),
                  cb.TensorBoard(workdir / "tensorboard"),
@@ -79,13 +151,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     import ml_collections
 
     from fedtrain import experiment
 
-    workdir = Path(args.workdir)
+    workdir = _abs(args.workdir)
     run = _read_run(workdir)
     if run is None:
         raise FileNotFoundError(f"{workdir / RUN_FILE} not found; is {workdir} a `fedtrain train` workdir?")
@@ -104,7 +174,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_plot(args: argparse.Namespace) -> int:
     from fedtrain.logs.plots import plot_run
 
-    print(plot_run(args.workdir, args.output))
+    print(plot_run(_abs(args.workdir), None if args.output is None else _abs(args.output)))
     return 0
 
 
@@ -129,9 +199,19 @@ def add_recipe_commands(groups) -> None:
     p = groups.add_parser("train", help="run a recipe: progress, TensorBoard, CSV and checkpoints in a workdir",
                           description="Run RECIPE (a recipe file, PATH:VARIANT, or a name in ./recipes). Logs "
                           "metrics.csv, tensorboard/ and checkpoints/ in --workdir and resumes from them when "
-                          "rerun. Override any config key with --config.KEY=VALUE (e.g. --config.rounds=2).")
+                          "rerun. Override any config key with --config.KEY=VALUE (e.g. --config.rounds=2). "
+                          "On resume, the run-length keys (" + ", ".join(RUN_LENGTH_KEYS) + ") may change: "
+                          "--config.rounds=N with a larger N trains longer. Any other key is an experiment key: "
+                          "a changed value is refused, with the differing keys shown, unless "
+                          "--allow-config-change is given; task, algorithm, model, data and seed never change "
+                          f"within a workdir. {RUN_FILE} in the workdir keeps one segment per config (start "
+                          "round, config, time), never overwritten.")
     p.add_argument("recipe", help="recipe name or path, optionally :variant (e.g. shakespeare_fedavg:demo)")
     p.add_argument("--workdir", required=True, help="directory for logs, checkpoints and results")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume even though experiment keys (e.g. client_learning_rate, batch_size, "
+                   "clients_per_round) differ from the workdir's config; the new values apply from the newest "
+                   f"checkpoint's round on, and {RUN_FILE} records them as a new segment")
     p.add_argument("--progress", choices=["auto", "bar", "line", "none"], default="auto",
                    help="progress display (default: a bar on a terminal, lines otherwise)")
     p.set_defaults(handler=cmd_train)
@@ -144,7 +224,9 @@ def add_recipe_commands(groups) -> None:
     p.set_defaults(handler=cmd_eval)
 
     p = groups.add_parser("plot", help="plot a workdir's learning curves to PNG",
-                          description="Write the learning curves of a workdir (metrics.csv) to a PNG.")
+                          description="Write the learning curves of a workdir (metrics.csv) to a PNG, one panel "
+                          "per metric, x = round (0-indexed, as in metrics.csv and TensorBoard), titled with the "
+                          "recipe of the workdir's run record.")
     p.add_argument("workdir")
     p.add_argument("-o", "--output", help="PNG to write (default: WORKDIR/curves.png)")
     p.set_defaults(handler=cmd_plot)

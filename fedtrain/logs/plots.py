@@ -1,5 +1,8 @@
 """Learning curves as PNG: ``History.plot()`` and ``fedtrain plot RUN_DIR`` (CSV, JSON lines or event files).
 
+The x axis is the round, 0-indexed as in the logs (the CSV's ``round``, the TensorBoard step,
+``History.rounds``), with integer ticks.
+
 Needs matplotlib, the ``plots`` extra: ``pip install fedtrain[plots]``; it is imported only when a
 figure is drawn.
 """
@@ -12,7 +15,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from fedtrain.logs.runs import load_run
+from fedtrain.logs.runs import load_run, run_label
 
 # Bookkeeping logs that are not learning curves.
 _SKIP = {"round_time", "num_clients", "num_examples", "round", "epoch"}
@@ -42,8 +45,11 @@ def curve_groups(keys: Sequence[str]) -> list[tuple[str, list[str]]]:
 
 def plot_curves(rounds: Sequence[int], history: dict[str, Sequence[float]], path=None, *, keys=None,
                 title: str | None = None):
-    """One figure, one panel per metric (training and ``val_*`` together), x = round (1-based)."""
+    """One figure, one panel per metric (training and ``val_*`` together), x = round (0-indexed, integer
+    ticks), ``title`` above the panels."""
     Figure, FigureCanvasAgg = _matplotlib()
+    from matplotlib.ticker import MaxNLocator
+
     wanted = [k for k in (keys or history) if k in history]
     groups = curve_groups(wanted)
     if not groups:
@@ -52,18 +58,19 @@ def plot_curves(rounds: Sequence[int], history: dict[str, Sequence[float]], path
     rows = math.ceil(len(groups) / cols)
     fig = Figure(figsize=(4.5 * cols, 3.2 * rows), layout="constrained")
     FigureCanvasAgg(fig)
-    x = [int(r) + 1 for r in rounds]
+    x = [int(r) for r in rounds]
     for i, (base, members) in enumerate(groups):
         ax = fig.add_subplot(rows, cols, i + 1)
         for key in members:
             ys = [float(v) if v is not None else math.nan for v in history[key]]
-            xs = x[: len(ys)] if len(x) >= len(ys) else list(range(1, len(ys) + 1))
+            xs = x[: len(ys)] if len(x) >= len(ys) else list(range(len(ys)))
             pts = [(a, b) for a, b in zip(xs, ys) if math.isfinite(b)]
             if pts:
                 ax.plot(*zip(*pts), marker="." if len(pts) < 50 else None,
                         label="validation" if key.startswith("val_") else "training")
         ax.set_title(base)
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if len(members) > 1:
             ax.legend()
@@ -75,12 +82,29 @@ def plot_curves(rounds: Sequence[int], history: dict[str, Sequence[float]], path
     return fig
 
 
-def plot_run(run_dir: str | os.PathLike, output: str | os.PathLike | None = None) -> Path:
-    """Writes the learning curves of ``run_dir`` to ``output`` (default ``RUN_DIR/curves.png``)."""
-    rounds, history = load_run(run_dir)
-    root = Path(run_dir)
-    out = Path(output) if output is not None else (root if root.is_dir() else root.parent) / "curves.png"
-    plot_curves(rounds, history, out, title=root.name)
+def run_figure(run_dir: str | os.PathLike, *, title: str | None = None):
+    """The learning-curve figure of ``run_dir``, titled (by default) with the recipe in its run record
+    (``fedtrain_run.json``, see :func:`fedtrain.logs.runs.read_run_record`) and the directory's name."""
+    root = Path(os.path.abspath(os.fspath(run_dir)))
+    rounds, history = load_run(root)
+    if title is None:
+        label = run_label(root)
+        title = f"{label} ({root.name})" if label else root.name
+    return plot_curves(rounds, history, title=title)
+
+
+def plot_run(run_dir: str | os.PathLike, output: str | os.PathLike | None = None, *,
+             title: str | None = None) -> Path:
+    """Writes the learning curves of ``run_dir`` (:func:`run_figure`) to ``output`` (default
+    ``RUN_DIR/curves.png``); returns the PNG's path."""
+    root = Path(os.path.abspath(os.fspath(run_dir)))
+    fig = run_figure(root, title=title)
+    if output is None:
+        out = (root if root.is_dir() else root.parent) / "curves.png"
+    else:
+        out = Path(os.path.abspath(os.fspath(output)))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, format="png", dpi=100)
     return out
 
 

@@ -1,5 +1,8 @@
 """A run's learning curves read back from its logs: a ``CSVLogger`` file, a ``JSONLinesLogger``
-file or TensorBoard event files."""
+file or TensorBoard event files. Rounds are 0-indexed everywhere: the CSV's and JSON lines' ``round``,
+the TensorBoard step, ``History.rounds`` and the ``round`` argument of callbacks are the same number.
+
+``read_run_record`` reads the run record ``fedtrain train`` keeps in its workdir."""
 
 from __future__ import annotations
 
@@ -11,6 +14,23 @@ from pathlib import Path
 
 from fedtrain.logs.events import read_scalars
 
+RUN_RECORD = "fedtrain_run.json"  # written by ``fedtrain train`` in its workdir
+
+
+def read_run_record(workdir: str | os.PathLike) -> dict | None:
+    """The run record of a ``fedtrain train`` workdir (recipe, variant, config and the segments of the
+    run: start round, config and start time of each), or None when there is none."""
+    f = Path(os.path.abspath(os.fspath(workdir))) / RUN_RECORD
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+def run_label(workdir: str | os.PathLike) -> str | None:
+    """``recipe[:variant]`` from the run record of ``workdir``, or None."""
+    run = read_run_record(workdir) if Path(workdir).is_dir() else None
+    if not run or not run.get("recipe"):
+        return None
+    return run["recipe"] + (f":{run['variant']}" if run.get("variant") else "")
+
 
 def _num(v) -> float:
     try:
@@ -21,7 +41,7 @@ def _num(v) -> float:
 
 def load_run(run_dir: str | os.PathLike) -> tuple[list[int], dict[str, list[float]]]:
     """Rounds and curves of a run directory: a CSVLogger file, else a JSON-lines log, else event files."""
-    root = Path(run_dir)
+    root = Path(os.path.abspath(os.fspath(run_dir)))
     if root.is_file():
         files = [root]
     else:
@@ -50,7 +70,7 @@ def load_run(run_dir: str | os.PathLike) -> tuple[list[int], dict[str, list[floa
             for step, value in points:
                 series.setdefault(prefix + tag, {})[step] = value
     steps = sorted({s for d in series.values() for s in d})
-    return [s - 1 for s in steps], {k: [d.get(s, math.nan) for s in steps] for k, d in series.items()}
+    return steps, {k: [d.get(s, math.nan) for s in steps] for k, d in series.items()}  # step = round
 
 
 def _from_records(records: list[dict]) -> tuple[list[int], dict[str, list[float]]]:
