@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from fedtrain import distributed
+from fedtrain import metrics as metrics_lib
 from fedtrain.algorithms.base import Algorithm, Context, check_algorithm
 from fedtrain.callbacks.base import Callback, CallbackList, History
 from fedtrain.callbacks.early_stopping import TerminateOnNaN
@@ -358,8 +359,11 @@ class FederatedTrainer:
         try:
             logits = jax.eval_shape(lambda p, b: self.model_fns.apply(p, b[self.model_fns.input_key], None, False),
                                     self.model_fns.init_params, batch)
+            metrics_lib.check_model_metrics(self.model_fns, batch, logits)  # (values, weights) per example
             jax.eval_shape(lambda p, b: loss_and_metrics(self.model_fns, p, b, None, False),
                            self.model_fns.init_params, batch)
+        except metrics_lib.MetricContractError:
+            raise
         except Exception as e:
             shapes = {k: f"{v.dtype}{list(v.shape)}" for k, v in batch.items() if k != MASK_KEY}
             raise ValueError(
