@@ -167,10 +167,13 @@ class FederatedTrainer:
 
     def restore(self, directory, step: int | None = None) -> int:
         """Loads the checkpoint of ``step`` (default: the newest good one) from an OrbaxCheckpoint
-        directory; returns the number of completed rounds it holds."""
+        directory; returns the number of completed rounds it holds. The nnx module given to the
+        constructor then holds the restored weights."""
         from fedtrain.checkpoint_format import restore_trainer
 
-        return restore_trainer(self, directory, step)
+        done = restore_trainer(self, directory, step)
+        self.update_module()
+        return done
 
     def update_module(self) -> nnx.Module | None:
         """Writes (a copy of) the current parameters into the nnx module given to the constructor and

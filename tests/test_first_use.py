@@ -236,3 +236,13 @@ def test_predict_on_federated_data_gives_outputs_per_client(data, clients):
     with pytest.raises(TypeError, match="leading batch axis or federated data"):
         trainer.predict(3.0)
 
+
+
+def test_restore_writes_the_restored_weights_into_the_module(data, tmp_path):
+    trainer = make_trainer(data)
+    trainer.fit(rounds=2, callbacks=[fedtrain.callbacks.OrbaxCheckpoint(str(tmp_path / "ckpt"), async_save=False)],
+                **FIT)
+    module = TinyMLP(rngs=nnx.Rngs(1))
+    fresh = make_trainer(data, model=module)
+    assert fresh.restore(str(tmp_path / "ckpt")) == 2
+    np.testing.assert_array_equal(module.l1.kernel[...], nnx.to_pure_dict(trainer.params)["l1"]["kernel"])
