@@ -302,7 +302,8 @@ def check_metric_fn(name: str, fn: MetricFn, batch: Batch, logits, *, kind: str 
     if values.shape != weights.shape:
         raise MetricContractError(f"{where} returned values {_shape(values)} and weights {_shape(weights)}: they "
                                   f"need the same shape. The contract is {CONTRACT}.")
-    batch_size = logits_shape[0] if len(logits_shape) else None
+    mask_shape = getattr(batch.get("mask") if isinstance(batch, Mapping) else None, "shape", ())
+    batch_size = mask_shape[0] if len(mask_shape) else logits_shape[0] if len(logits_shape) else None
     if values.ndim == 0 or (batch_size is not None and values.shape[0] != batch_size):
         raise MetricContractError(
             f"{where} returned values {_shape(values)} and weights {_shape(weights)}: their leading axis must be the "

@@ -73,7 +73,8 @@ def test_binary_crossentropy_matches_numpy_for_multi_label_and_soft_targets():
         correct.mean(1)[keep].mean(), rel=1e-6)
     # threshold on the probability: 0.9 -> logit log(9)
     correct = (logits > np.log(9.0)) == (hard > 0.5)
-    assert _reduce(metrics.binary_accuracy(threshold=0.9), {"y": hard}, logits) == pytest.approx(correct.mean(), rel=1e-6)
+    got = _reduce(metrics.binary_accuracy(threshold=0.9), {"y": hard}, logits)
+    assert got == pytest.approx(correct.mean(), rel=1e-6)
     assert metrics.get("binary_crossentropy").class_labels is None
 
 

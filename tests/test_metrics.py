@@ -73,7 +73,8 @@ def test_get_resolves_names_and_rejects_unknown():
 
 # ------------------------------------------------------------------------------------- the contract
 def _abstract(batch_size=8, classes=3):
-    batch = {"x": jax.ShapeDtypeStruct((batch_size, 4), jnp.float32), "y": jax.ShapeDtypeStruct((batch_size,), jnp.int32),
+    batch = {"x": jax.ShapeDtypeStruct((batch_size, 4), jnp.float32),
+             "y": jax.ShapeDtypeStruct((batch_size,), jnp.int32),
              "mask": jax.ShapeDtypeStruct((batch_size,), jnp.float32)}
     return batch, jax.ShapeDtypeStruct((batch_size, classes), jnp.float32)
 
