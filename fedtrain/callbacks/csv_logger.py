@@ -6,12 +6,14 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
 from pathlib import Path
 
 from fedtrain.callbacks.base import Callback
+from fedtrain.logs.runs import write_atomic
 
 
 def _rounds_before(rows: list[dict], start: int) -> list[dict]:
@@ -25,13 +27,32 @@ def _rounds_before(rows: list[dict], start: int) -> list[dict]:
     return out
 
 
+def _complete_lines(path: Path) -> str:
+    """The text of ``path`` up to its last newline: a line cut short by a crash is dropped."""
+    if not path.exists():
+        return ""
+    with open(path, newline="") as f:
+        text = f.read()
+    return text[:text.rfind("\n") + 1]
+
+
+def _csv_text(fieldnames: list[str], rows: list[dict], sep: str) -> str:
+    buf = io.StringIO(newline="")
+    writer = csv.DictWriter(buf, fieldnames=fieldnames, delimiter=sep, restval="NA", extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(row)
+    return buf.getvalue()
+
+
 class CSVLogger(Callback):
     """Streams each round's logs to a CSV file (``round`` column first, 0-indexed like Keras' ``epoch``).
 
-    A column that first appears in a later round (``val_*``, ``dp_epsilon``...) is added by
-    rewriting the file with the wider header; missing values are ``NA``. With
-    ``append=True`` an existing file is continued, dropping any rows of rounds that are
-    run again (after resuming from a checkpoint).
+    Rows are appended and fsynced as each round ends. A column that first appears in a later round
+    (``val_*``, ``dp_epsilon``...) is added by writing the whole file with the wider header to a temporary
+    file and swapping it in with ``os.replace``; missing values are ``NA``. A crash at any moment loses at
+    most the row being written. With ``append=True`` an existing file is continued, dropping any rows of
+    rounds that are run again (after resuming from a checkpoint) and a last row cut short by a crash.
     """
 
     def __init__(self, filename: str | os.PathLike, separator: str = ",", append: bool = False) -> None:
@@ -48,29 +69,32 @@ class CSVLogger(Callback):
         self._started = False
         self.filename.parent.mkdir(parents=True, exist_ok=True)
 
-    def _read(self) -> list[dict]:
+    def _close(self) -> None:
         if self._file is not None:
             self._file.close()
-            self._file = None
-        if not self.filename.exists():
-            return []
-        with open(self.filename, newline="") as f:
-            return list(csv.DictReader(f, delimiter=self.sep))
+        self._file = self._writer = None
+
+    def _read(self) -> list[dict]:
+        self._close()
+        text = _complete_lines(self.filename)
+        return list(csv.DictReader(io.StringIO(text, newline=""), delimiter=self.sep)) if text else []
 
     def _start(self, round: int) -> None:
         rows = _rounds_before(self._read(), round) if self.append else []
-        self.keys = [k for k in (rows[0].keys() if rows else []) if k != "round"]
+        self.keys = [k for k in (rows[0].keys() if rows else []) if k != "round" and k is not None]
         self._rewrite(rows)
         self._started = True
 
     def _rewrite(self, rows: list[dict]) -> None:
-        self._file = open(self.filename, "w", newline="")
+        """Swaps in the header and ``rows`` atomically, then reopens the file for appending."""
+        self._close()
+        write_atomic(self.filename, _csv_text(["round"] + self.keys, rows, self.sep))
+        self._open()
+
+    def _open(self) -> None:
+        self._file = open(self.filename, "a", newline="")
         self._writer = csv.DictWriter(self._file, fieldnames=["round"] + self.keys, delimiter=self.sep,
-                                      restval="NA")
-        self._writer.writeheader()
-        for row in rows:
-            self._writer.writerow(row)
-        self._file.flush()
+                                      restval="NA", extrasaction="ignore")
 
     def on_round_end(self, round: int, logs=None) -> None:
         logs = logs or {}
@@ -85,11 +109,10 @@ class CSVLogger(Callback):
         else:
             self._writer.writerow(row)
             self._file.flush()
+            os.fsync(self._file.fileno())
 
     def on_train_end(self, logs=None) -> None:
-        if self._file is not None:
-            self._file.close()
-        self._file = self._writer = None
+        self._close()
         self._started = False
 
 
@@ -110,8 +133,9 @@ def _json_value(value):
 class JSONLinesLogger(Callback):
     """Writes one JSON object per round (``{"round": r, "loss": ...}``) to ``filename``.
 
-    Non-finite values are written as ``null``. ``append=True`` continues an existing
-    file, dropping rows of rounds that are run again.
+    Non-finite values are written as ``null``. Each line is appended and fsynced as its round ends, so a
+    crash loses at most the line being written. ``append=True`` continues an existing file (swapped in
+    atomically), dropping rows of rounds that are run again and a last line cut short by a crash.
     """
 
     def __init__(self, filename: str | os.PathLike, append: bool = False) -> None:
@@ -125,17 +149,16 @@ class JSONLinesLogger(Callback):
 
     def _start(self, round: int) -> None:
         kept = []
-        if self.append and self.filename.exists():
-            for line in self.filename.read_text().splitlines():
+        if self.append:
+            for line in _complete_lines(self.filename).splitlines():
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError:
-                    continue  # a line cut short by a crash
-                if int(rec.get("round", round)) < round:
+                    continue  # a damaged line
+                if isinstance(rec, dict) and int(rec.get("round", round)) < round:
                     kept.append(line)
-        self._file = open(self.filename, "w")
-        for line in kept:
-            self._file.write(line + "\n")
+        write_atomic(self.filename, "".join(line + "\n" for line in kept))
+        self._file = open(self.filename, "a")
 
     def on_round_end(self, round: int, logs=None) -> None:
         if self._file is None:
@@ -143,6 +166,7 @@ class JSONLinesLogger(Callback):
         record = {"round": round, **{k: _json_value(v) for k, v in (logs or {}).items()}}
         self._file.write(json.dumps(record, allow_nan=False) + "\n")
         self._file.flush()
+        os.fsync(self._file.fileno())
 
     def on_train_end(self, logs=None) -> None:
         if self._file is not None:

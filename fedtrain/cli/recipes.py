@@ -10,7 +10,7 @@ from pathlib import Path
 
 from fedtrain.cli.config import apply_overrides, load_recipe_module, recipe_config, recipe_dirs, resolve_recipe
 from fedtrain.logs.runs import RUN_RECORD as RUN_FILE
-from fedtrain.logs.runs import read_run_record
+from fedtrain.logs.runs import read_run_record, write_atomic, write_run_record
 
 # Keys of a recipe config by what changing them means for a workdir that already holds rounds.
 IDENTITY_KEYS = ("task", "algorithm", "model", "data", "seed")  # another experiment: never resumed
@@ -126,9 +126,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         segments.append(segment)
     record = {"recipe": recipe, "variant": variant, "recipe_path": path, "config": config_dict,
               "segments": segments}
-    tmp = workdir / f"{RUN_FILE}.tmp"
-    tmp.write_text(json.dumps(record, indent=2, default=_default))
-    tmp.replace(workdir / RUN_FILE)
+    write_run_record(workdir, record, default=_default)
     trainer = exp.trainer()
     if resuming:
         print(f"resuming {recipe} from {ckpt} (round {start})", flush=True)
@@ -145,7 +143,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     results = trainer.evaluate(exp.test_data, batch_size=exp.fit_kwargs["validation_batch_size"])
     out = {"recipe": recipe, "variant": variant, "rounds": trainer.round, "test": results,
            "expected_accuracy": config.get("expected_accuracy")}
-    (workdir / "results.json").write_text(json.dumps(out, indent=2))
+    write_atomic(workdir / "results.json", json.dumps(out, indent=2))
     print(f"{recipe}: {trainer.round} rounds; test " + " - ".join(f"{k}: {v:.4f}" for k, v in results.items()))
     return 0
 

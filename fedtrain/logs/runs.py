@@ -2,7 +2,9 @@
 file or TensorBoard event files. Rounds are 0-indexed everywhere: the CSV's and JSON lines' ``round``,
 the TensorBoard step, ``History.rounds`` and the ``round`` argument of callbacks are the same number.
 
-``read_run_record`` reads the run record ``fedtrain train`` keeps in its workdir."""
+``read_run_record`` reads the run record ``fedtrain train`` keeps in its workdir and ``write_run_record``
+writes it. Every log file is replaced atomically (``write_atomic``: a temporary file in the same
+directory, fsync, ``os.replace``), so a crash leaves either the old or the new file, never a cut one."""
 
 from __future__ import annotations
 
@@ -17,16 +19,75 @@ from fedtrain.logs.events import read_scalars
 RUN_RECORD = "fedtrain_run.json"  # written by ``fedtrain train`` in its workdir
 
 
+class RunRecordError(ValueError):
+    """The run record of a workdir cannot be read (corrupt JSON, not a record)."""
+
+
+def write_atomic(path: str | os.PathLike, text: str) -> None:
+    """Replaces ``path`` with ``text`` so that a crash at any moment leaves the old file or the new one:
+    the text goes to a temporary file in the same directory, is fsynced, and ``os.replace`` swaps it in."""
+    path = Path(os.path.abspath(os.fspath(path)))
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(directory: str | os.PathLike) -> None:
+    """Makes a rename in ``directory`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(os.fspath(directory), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def read_run_record(workdir: str | os.PathLike) -> dict | None:
     """The run record of a ``fedtrain train`` workdir (recipe, variant, config and the segments of the
-    run: start round, config and start time of each), or None when there is none."""
+    run: start round, config and start time of each), or None when there is none. A record that is not
+    valid JSON raises ``RunRecordError`` naming the file and what to do."""
     f = Path(os.path.abspath(os.fspath(workdir))) / RUN_RECORD
-    return json.loads(f.read_text()) if f.is_file() else None
+    if not f.is_file():
+        return None
+    try:
+        record = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunRecordError(
+            f"the run record {f} is corrupt ({e}); it says which recipe and config wrote this workdir. "
+            f"Restore it from a backup, or move {f.parent} aside and start over with another --workdir.") from e
+    if not isinstance(record, dict) or not record.get("recipe") or not isinstance(record.get("config"), dict):
+        raise RunRecordError(
+            f"the run record {f} is not a fedtrain run record (no recipe or config); restore it from a backup, "
+            f"or move {f.parent} aside and start over with another --workdir.")
+    return record
+
+
+def write_run_record(workdir: str | os.PathLike, record: dict, default=None) -> None:
+    """Writes the run record of ``workdir`` atomically (see ``write_atomic``)."""
+    write_atomic(Path(os.path.abspath(os.fspath(workdir))) / RUN_RECORD, json.dumps(record, indent=2, default=default))
 
 
 def run_label(workdir: str | os.PathLike) -> str | None:
     """``recipe[:variant]`` from the run record of ``workdir``, or None."""
-    run = read_run_record(workdir) if Path(workdir).is_dir() else None
+    try:
+        run = read_run_record(workdir) if Path(workdir).is_dir() else None
+    except RunRecordError:
+        return None
     if not run or not run.get("recipe"):
         return None
     return run["recipe"] + (f":{run['variant']}" if run.get("variant") else "")
