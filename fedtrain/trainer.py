@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Sequence
@@ -217,6 +219,8 @@ class FederatedTrainer:
         feeder = RoundFeeder(self.engine, self.sampler, self.seed)
         callback_list.on_train_begin({})
         logs: dict[str, float] = {}
+        interrupted = None
+        stop_signals = _StopSignals()  # Ctrl-C / SIGTERM stop after the round, not in the middle of its save
         try:  # a callback may have restored a checkpoint in on_train_begin (round, state, history)
             for r in range(self.round if initial_round is None else int(initial_round), rounds):
                 callback_list.on_round_begin(r, {})
@@ -235,11 +239,18 @@ class FederatedTrainer:
                     logs.update({f"val_{k}": v for k, v in val.items()}, val_time=time.perf_counter() - t1)
                 self.round = r + 1
                 callback_list.on_round_end(r, logs)
+                stop_signals.check()  # a signal during the round stops here, its save and logs done
                 if self.stop_training:
                     break
+        except KeyboardInterrupt as e:  # SIGINT, or SIGTERM turned into TrainingInterrupted
+            interrupted = e if isinstance(e, TrainingInterrupted) else TrainingInterrupted(signal.SIGINT)
         finally:
+            stop_signals.restore()
             feeder.close()
             self.update_module()
+        if interrupted is not None:
+            _finish_interrupted(callback_list, logs, interrupted)  # the in-flight save ends on disk
+            raise interrupted from None
         callback_list.on_train_end(logs)
         return self.history
 
@@ -496,6 +507,64 @@ class FederatedTrainer:
 
 
 # ---------------------------------------------------------------------- helpers
+class TrainingInterrupted(KeyboardInterrupt):
+    """``fit`` was stopped by Ctrl-C (SIGINT) or SIGTERM after the callbacks finished (the in-flight
+    checkpoint save is on disk); ``signum`` is the signal. A ``KeyboardInterrupt``, so code that catches
+    Ctrl-C catches both."""
+
+    def __init__(self, signum: int = signal.SIGINT):
+        self.signum = int(signum)
+        super().__init__(f"training stopped by {signal.Signals(self.signum).name}")
+
+
+class _StopSignals:
+    """While ``fit`` runs (main thread only), Ctrl-C (SIGINT) and SIGTERM stop training cleanly: the first
+    signal lets the round in progress and its callbacks (checkpoint, logs) finish, then ``check()`` raises
+    ``TrainingInterrupted(signum)``; a second one raises at once. ``restore()`` puts the previous handlers
+    back. A SIGINT handler other than Python's default is left alone."""
+
+    def __init__(self) -> None:
+        self.previous: dict[int, Any] = {}
+        self.pending: int | None = None
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            if signum == signal.SIGINT and signal.getsignal(signum) is not signal.default_int_handler:
+                continue
+            try:
+                self.previous[signum] = signal.signal(signum, self._handle)
+            except (ValueError, OSError):  # no signals here (an embedded interpreter)
+                pass
+
+    def _handle(self, signum, frame) -> None:
+        if self.pending is None:
+            self.pending = signum
+            return
+        raise TrainingInterrupted(signum)
+
+    def check(self) -> None:
+        if self.pending is not None:
+            raise TrainingInterrupted(self.pending)
+
+    def restore(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self.previous = {}
+
+
+def _finish_interrupted(callback_list: CallbackList, logs: dict, interrupted: TrainingInterrupted) -> None:
+    """``on_train_end`` after an interruption: callbacks wait for their in-flight saves; a backup that is
+    deleted at the end of a finished run (``BackupAndRestore``) is kept, since the run is to be resumed."""
+    kept = [cb for cb in callback_list.callbacks if getattr(cb, "delete_checkpoint", False)]
+    for cb in kept:
+        cb.delete_checkpoint = False
+    try:
+        callback_list.on_train_end(logs)
+    finally:
+        for cb in kept:
+            cb.delete_checkpoint = True
+
+
 def _total_examples(data: FederatedData) -> int:
     sizes = getattr(data, "client_sizes", None)
     return int(np.sum(sizes())) if sizes else sum(data.client_size(c) for c in data.client_ids)

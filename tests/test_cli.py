@@ -179,3 +179,90 @@ def test_train_help_names_the_flag_and_the_run_length_keys(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "--allow-config-change" in text
     assert "run-length keys (rounds, checkpoint_every, validation_freq, validation_batch_size)" in text
+
+
+def one_line_error(capsys):
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "Errno" not in err and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "plot"])
+def test_workdir_that_is_a_file_gives_one_line(tmp_path, capsys, command):
+    from fedtrain.cli import main
+
+    f = tmp_path / "run"
+    f.write_text("not a directory\n")
+    args = {"train": ["train", TINY, "--workdir", str(f), "--progress", "none"], "eval": ["eval", str(f)],
+            "plot": ["plot", str(f)]}[command]
+    assert main(args) == 2
+    err = one_line_error(capsys)
+    assert f"{f} is a file" in err and "--workdir" in err
+
+
+def write_metrics(workdir):
+    workdir.mkdir()
+    (workdir / "metrics.csv").write_text("round,loss\n0,2.0\n1,1.5\n")
+
+
+def read_only_cases(tmp_path):
+    """(argv, the read-only directory) for `fedtrain train` into a read-only workdir, into a new workdir
+    inside a read-only directory, and `fedtrain plot` of a read-only workdir."""
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    parent = tmp_path / "parent"
+    parent.mkdir()
+    plotted = tmp_path / "plotted"
+    write_metrics(plotted)
+    return [(["train", TINY, "--workdir", str(existing), "--progress", "none"], existing),
+            (["train", TINY, "--workdir", str(parent / "new"), "--progress", "none"], parent),
+            (["plot", str(plotted)], plotted)]
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root ignores directory permissions")
+def test_read_only_workdir_gives_one_line(tmp_path, capsys):
+    from fedtrain.cli import main
+
+    for argv, ro in read_only_cases(tmp_path):
+        ro.chmod(0o500)
+        try:
+            assert main(argv) == 2, argv
+        finally:
+            ro.chmod(0o700)
+        err = one_line_error(capsys)
+        assert str(ro) in err and "not writable" in err and "chmod u+w" in err
+
+
+def test_read_only_workdir_gives_one_line_when_access_says_so(tmp_path, capsys, monkeypatch):
+    """The same paths as above, with os.access reporting the directory read-only (as for a non-root user)."""
+    from fedtrain.cli import main
+
+    real_access = os.access
+    for argv, ro in read_only_cases(tmp_path):
+        monkeypatch.setattr(os, "access", lambda p, mode, **kw: (os.fspath(p) != str(ro) and real_access(p, mode)))
+        assert main(argv) == 2, argv
+        err = one_line_error(capsys)
+        assert str(ro) in err and "not writable" in err and "chmod u+w" in err
+    monkeypatch.setattr(os, "access", real_access)
+
+
+def test_write_refused_by_the_filesystem_gives_one_line(tmp_path, capsys, monkeypatch):
+    """A workdir that passes the access check but refuses the write (e.g. a read-only mount)."""
+    import builtins
+
+    from fedtrain.cli import main
+
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    real_open = builtins.open
+
+    def refusing_open(file, mode="r", *args, **kwargs):
+        if any(m in mode for m in "wax") and str(workdir) in os.fspath(file):
+            raise PermissionError(13, "Permission denied", os.fspath(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", refusing_open)
+    assert main(["train", TINY, "--workdir", str(workdir), "--progress", "none"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert str(workdir) in err and "Permission denied" in err and "chmod u+w" in err and "[Errno" not in err

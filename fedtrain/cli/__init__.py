@@ -9,6 +9,8 @@ Each subcommand is a function ``cmd_<group>_<name>(args) -> int`` registered by 
 from __future__ import annotations
 
 import argparse
+import errno
+import signal
 import sys
 
 from fedtrain.cli.data import add_data_commands
@@ -23,6 +25,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _hint(err: OSError) -> str:
+    if isinstance(err, PermissionError) or err.errno == errno.EROFS:
+        return "; make it writable (chmod u+w) or pass another --workdir."
+    if isinstance(err, (NotADirectoryError, FileExistsError)):
+        return "; a file is where a directory is expected: pass another --workdir."
+    return "."
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -30,8 +40,19 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the command line, for the resume hint
     try:
         return args.handler(args)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError, RuntimeError, TypeError, ImportError) as err:
+    except KeyboardInterrupt as err:  # outside `fedtrain train`'s own handling: one line, no traceback
+        signum = int(getattr(err, "signum", signal.SIGINT))
+        print(f"fedtrain: stopped by {signal.Signals(signum).name}", file=sys.stderr)
+        return 128 + signum
+    except OSError as err:
+        if err.errno is None or err.filename is None:  # raised with a message of ours
+            print(f"fedtrain: error: {err}", file=sys.stderr)
+        else:
+            print(f"fedtrain: error: {err.filename}: {err.strerror}{_hint(err)}", file=sys.stderr)
+        return 2
+    except (ValueError, KeyError, RuntimeError, TypeError, ImportError) as err:
         print(f"fedtrain: error: {err}", file=sys.stderr)
         return 2

@@ -31,6 +31,67 @@ def _read_run(workdir) -> dict | None:
     return read_run_record(workdir)
 
 
+class WorkdirError(ValueError):
+    """A --workdir that cannot be used (a file, not writable): one line naming the path and what to do."""
+
+
+def _writable_dir(path: Path) -> Path:
+    """The nearest existing directory at or above ``path`` (where ``path`` would be created)."""
+    probe = path
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    return probe
+
+
+def _check_workdir(workdir: Path, command: str) -> None:
+    """Refuses, before any work, a workdir that is a file or (for ``train``) cannot be written."""
+    if workdir.exists() and not workdir.is_dir():
+        if command == "train":
+            raise WorkdirError(f"--workdir {workdir} is a file, not a directory; `fedtrain train` keeps its logs and "
+                               "checkpoints in a directory: pass another --workdir (a new directory is created).")
+        raise WorkdirError(f"{workdir} is a file, not a `fedtrain train` workdir; pass the directory that was "
+                           f"given to `fedtrain train --workdir` (`fedtrain {command} DIR`).")
+    if command != "train":
+        return
+    probe = _writable_dir(workdir)
+    if not probe.is_dir():
+        raise WorkdirError(f"--workdir {workdir} cannot be created: {probe} is a file, not a directory; pass "
+                           "another --workdir.")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        what = "the workdir" if probe == workdir else f"the directory that would hold --workdir {workdir}"
+        raise WorkdirError(f"{probe} ({what}) is not writable, so `fedtrain train` cannot write its logs and "
+                           f"checkpoints there; make it writable (chmod u+w {probe}) or pass another --workdir.")
+
+
+def _resume_command(args: argparse.Namespace) -> str:
+    """The command line that reruns this ``fedtrain train`` (and so resumes it)."""
+    import shlex
+    import sys
+
+    argv = getattr(args, "argv", None) or sys.argv[1:]
+    prog = "fedtrain" if os.path.basename(sys.argv[0] or "") == "fedtrain" else "python -m fedtrain"
+    return f"{prog} {shlex.join(argv)}"
+
+
+def _interrupted(args: argparse.Namespace, ckpt: Path, err: KeyboardInterrupt) -> int:
+    """One line for Ctrl-C / SIGTERM: the newest checkpoint and the command that resumes from it."""
+    import signal
+    import sys
+
+    from fedtrain.checkpoint_format import latest_step
+
+    signum = int(getattr(err, "signum", signal.SIGINT))
+    try:
+        last = latest_step(ckpt) if ckpt.is_dir() else None
+    except Exception:  # noqa: BLE001 - the hint must not fail
+        last = None
+    saved = (f"the newest checkpoint is round {last} in {ckpt}" if last is not None
+             else f"no checkpoint was saved yet in {ckpt}")
+    print(f"fedtrain: stopped by {signal.Signals(signum).name}; {saved}; rerun to resume: "
+          f"{_resume_command(args)}", file=sys.stderr, flush=True)
+    return 128 + signum
+
+
 def _check_same_recipe(run: dict, recipe: str, variant: str | None, config: dict, workdir) -> None:
     if (run["recipe"], run.get("variant")) != (recipe, variant):
         raise ValueError(
@@ -82,6 +143,15 @@ def _default(o):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    workdir = _abs(args.workdir)
+    _check_workdir(workdir, "train")
+    try:
+        return _train(args)
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM during fit (fedtrain.trainer.TrainingInterrupted)
+        return _interrupted(args, workdir / "checkpoints", err)
+
+
+def _train(args: argparse.Namespace) -> int:
     import datetime
 
     from fedtrain import __version__
@@ -154,6 +224,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from fedtrain import experiment
 
     workdir = _abs(args.workdir)
+    _check_workdir(workdir, "eval")
     run = _read_run(workdir)
     if run is None:
         raise FileNotFoundError(f"{workdir / RUN_FILE} not found; is {workdir} a `fedtrain train` workdir?")
@@ -172,7 +243,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_plot(args: argparse.Namespace) -> int:
     from fedtrain.logs.plots import plot_run
 
-    print(plot_run(_abs(args.workdir), None if args.output is None else _abs(args.output)))
+    workdir = _abs(args.workdir)
+    if not (workdir.is_file() and workdir.suffix in (".csv", ".jsonl")):  # a log file may be plotted directly
+        _check_workdir(workdir, "plot")
+    out = _abs(args.output) if args.output is not None else (
+        (workdir if workdir.is_dir() else workdir.parent) / "curves.png")
+    probe = _writable_dir(out.parent)
+    if probe.exists() and not probe.is_dir():
+        raise WorkdirError(f"{probe} is a file, so `fedtrain plot` cannot write {out}; pass -o FILE in a "
+                           "directory.")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise WorkdirError(f"{probe} is not writable, so `fedtrain plot` cannot write {out}; make it writable "
+                           f"(chmod u+w {probe}) or pass -o FILE in a writable directory.")
+    print(plot_run(workdir, out))
     return 0
 
 
