@@ -4,18 +4,23 @@ A checkpoint step is the number of completed rounds. It holds the server state
 (parameters, server optimizer state) beside the aggregator's state, the
 per-client states of stateful algorithms, and JSON metadata: completed rounds,
 seed, fedtrain version, format number, algorithm, model structure, History,
-client hyperparameters, the state of callbacks that have one, and a SHA-256 of
-all arrays. Samplers and per-round randomness are pure functions of (seed,
+client hyperparameters, the state of callbacks that have one, a SHA-256 of
+all arrays (``checksum``) and a SHA-256 of every other metadata value
+(``metadata_checksum``), so an edited round number, History or callback state is
+caught like a damaged array. Samplers and per-round randomness are pure functions of (seed,
 round), so restoring a step and running the remaining rounds gives exactly the
 results of an uninterrupted run.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
+import re
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -48,6 +53,29 @@ class CheckpointCorruptError(CheckpointError):
 class CheckpointReadError(CheckpointError):
     """A checkpoint step could not be read for a reason outside its files (the path, permissions,
     the installed packages, a bug): never treated as damage, so nothing is skipped or set aside."""
+
+
+class CheckpointUnreadableError(CheckpointError):
+    """Every step of a checkpoint directory is damaged: there is nothing to resume from."""
+
+    def __init__(self, message: str, directory: Path, steps: list[int]) -> None:
+        super().__init__(message)
+        self.directory = directory
+        self.steps = steps  # the steps tried, newest first
+
+
+class CheckpointLockedError(CheckpointError):
+    """Another training run holds the checkpoint directory's lock."""
+
+
+# A step directory fedtrain writes: ASCII digits only (str.isdigit() also accepts '²', which int() refuses).
+_STEP_NAME = re.compile(r"[0-9]+\Z", re.ASCII)
+_warned_foreign: set[str] = set()
+# Read errors that may pass on their own: retried before anything is concluded.
+_TRANSIENT_ERRNO = {errno.EIO, errno.EAGAIN, errno.EINTR, errno.EBUSY, errno.ETIMEDOUT,
+                    getattr(errno, "ESTALE", -1)}
+READ_ATTEMPTS = 3
+READ_BACKOFF_S = 0.05
 
 
 def absolute(directory: str | os.PathLike) -> Path:
@@ -129,6 +157,37 @@ def _history_with(trainer, round_index: int, logs: dict) -> dict:
     return h.state_dict()
 
 
+def _metadata_digest(meta: dict) -> str:
+    """SHA-256 of every metadata value except the digest itself, over canonical JSON."""
+    body = {k: v for k, v in meta.items() if k != "metadata_checksum"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def seal_metadata(meta: dict) -> dict:
+    """``meta`` as JSON will read it back, with ``metadata_checksum`` covering all of it."""
+    meta = json.loads(json.dumps(meta))
+    meta["metadata_checksum"] = _metadata_digest(meta)
+    return meta
+
+
+def _verify_metadata(meta: dict, step_dir: Path) -> None:
+    saved = meta.get("metadata_checksum")
+    if saved is None:
+        # Written before the metadata was checksummed: accepted, its arrays are still verified.
+        key = str(step_dir)
+        if key not in _warned_foreign:
+            _warned_foreign.add(key)
+            warnings.warn(f"checkpoint {step_dir} was written by fedtrain {meta.get('fedtrain_version')} without "
+                          "a metadata checksum: its arrays are verified, its round, History and callback state "
+                          "are not.", UserWarning, stacklevel=5)
+        return
+    if saved != _metadata_digest(meta):
+        raise CheckpointCorruptError(
+            f"{step_dir}: the metadata values do not match the checksum stored with them (edited or damaged)",
+            "the metadata values do not match the checksum stored with them (edited or damaged)")
+
+
 def _metadata(trainer, completed: int, history: dict, client_ids: list[str], client_rows, extra: dict) -> dict:
     from fedtrain._version import __version__
 
@@ -155,10 +214,40 @@ def _metadata(trainer, completed: int, history: dict, client_ids: list[str], cli
 
 
 # ---------------------------------------------------------------------- reading
+def is_own_step(path: Path) -> bool:
+    """True for a step directory as fedtrain writes it: an ASCII number naming a real directory."""
+    return bool(_STEP_NAME.match(path.name)) and not path.is_symlink() and path.is_dir()
+
+
+def _foreign(path: Path) -> str | None:
+    """Why ``path`` looks like a step but is not one fedtrain wrote (None for anything else)."""
+    name = path.name
+    if _STEP_NAME.match(name):
+        if path.is_symlink():
+            return "it is a symbolic link"
+        if not path.is_dir():
+            return "it is not a directory"
+        return None
+    if name.isdigit() or name.isdecimal() or name.isnumeric():
+        return "its name is not an ASCII step number"
+    return None
+
+
 def _steps(directory: Path) -> list[int]:
+    """The steps of ``directory``; anything that looks like a step but is not one fedtrain wrote (a
+    symbolic link, a file, a name of non-ASCII digits) is ignored with one warning."""
     if not directory.is_dir():
         return []
-    steps = [int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit()]
+    steps = []
+    for p in directory.iterdir():
+        if is_own_step(p):
+            steps.append(int(p.name))
+            continue
+        why = _foreign(p)
+        if why and str(p) not in _warned_foreign:
+            _warned_foreign.add(str(p))
+            warnings.warn(f"ignoring {p} in the checkpoint directory: {why}, so it is not a step fedtrain "
+                          "wrote; it is never read or deleted.", RuntimeWarning, stacklevel=3)
     return sorted(set(steps))
 
 
@@ -211,6 +300,13 @@ def _is_damage(err: BaseException, step_dir: Path) -> bool:
     return False
 
 
+def one_line(text: str, limit: int = 200) -> str:
+    """The first line of ``text`` without a TensorStore spec, at most ``limit`` characters."""
+    text = str(text).split(" [tensorstore_spec", 1)[0].strip()
+    first = text.splitlines()[0].strip() if text else ""
+    return first if len(first) <= limit else first[: limit - 3].rstrip() + "..."
+
+
 def _short(err: BaseException) -> str:
     text = str(err).split(" [tensorstore_spec", 1)[0].strip()
     return f"{type(err).__name__}: {text[:400]}{'...' if len(text) > 400 else ''}"
@@ -231,7 +327,7 @@ def _read_failure(step_dir: Path, err: BaseException) -> CheckpointError:
         "orbax/tensorstore) and retry.")
 
 
-def _check_compatible(trainer, meta: dict, where: Path) -> None:
+def _check_format(meta: dict, where: Path) -> None:
     fmt = meta.get("format")
     if not isinstance(fmt, int):
         raise CheckpointError(f"{where}: metadata has no format number")
@@ -245,6 +341,10 @@ def _check_compatible(trainer, meta: dict, where: Path) -> None:
             f"fedtrain ({_version()}) reads format {FORMAT_VERSION}: since 0.2.0 the aggregator's state is kept "
             "beside the server state, not inside it. Restore it with the fedtrain version that wrote it "
             "(pip install 'fedtrain<0.2'), or start a new checkpoint directory.")
+
+
+def _check_compatible(trainer, meta: dict, where: Path) -> None:
+    _check_format(meta, where)
     problems = []
     if meta.get("algorithm") != trainer.algorithm.name:
         problems.append(f"algorithm: saved {meta.get('algorithm')!r}, this trainer {trainer.algorithm.name!r}")
@@ -286,6 +386,8 @@ def _load_step(trainer, directory: Path, step: int) -> dict:
     ocp = _ocp()
     step_dir = absolute(directory) / str(step)
     meta = _read_metadata(step_dir)
+    _check_format(meta, step_dir)
+    _verify_metadata(meta, step_dir)
     _check_compatible(trainer, meta, step_dir)
     _check_files(step_dir, meta)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _server_tree(trainer))
@@ -348,22 +450,54 @@ def _set_aside(directory: Path, step: int) -> None:
         pass
 
 
+def _transient(err: BaseException) -> bool:
+    """A read error that may pass on its own (an I/O error, memory pressure): retried, never damage."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, MemoryError):
+            return True
+        if isinstance(err, OSError) and err.errno in _TRANSIENT_ERRNO:
+            return True
+        if isinstance(err, ValueError) and str(err).startswith(("UNAVAILABLE", "DEADLINE_EXCEEDED")):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
 def _load(trainer, directory: Path, step: int) -> dict:
-    try:
-        return _load_step(trainer, directory, step)
-    except Exception as e:
-        failure = _read_failure(directory / str(step), e)
-        if failure is e:
-            raise
-        raise failure from e
+    """Reads one step; a transient error is retried ``READ_ATTEMPTS`` times with a short backoff, then
+    raised as :class:`CheckpointReadError` (the step is left as it is)."""
+    for attempt in range(1, READ_ATTEMPTS + 1):
+        try:
+            return _load_step(trainer, directory, step)
+        except Exception as e:  # MemoryError too: it is an Exception
+            if _transient(e):
+                if attempt < READ_ATTEMPTS:
+                    log.warning("reading checkpoint step %d in %s failed (%s); retrying", step, directory,
+                                one_line(f"{type(e).__name__}: {e}"))
+                    time.sleep(READ_BACKOFF_S * 2 ** (attempt - 1))
+                    continue
+                raise CheckpointReadError(
+                    f"cannot read checkpoint step {step} in {directory}: {one_line(f'{type(e).__name__}: {e}')} "
+                    f"(a transient read error, {READ_ATTEMPTS} attempts). This is not damage: no step was skipped, "
+                    "renamed or deleted. Retry when the storage or memory problem is fixed.") from e
+            failure = _read_failure(directory / str(step), e)
+            if failure is e:
+                raise
+            raise failure from e
+    raise AssertionError("unreachable")
 
 
 def restore_latest(trainer, directory, step: int | None = None, *, set_aside: bool = False) -> dict | None:
     """Restores ``step`` (or the newest readable step) into ``trainer``; returns its metadata or None.
 
     A newest step whose files are damaged (:class:`CheckpointCorruptError`: missing or truncated files,
-    unparseable JSON, arrays that do not match the checksum) is skipped with a warning and, with
-    ``set_aside``, renamed ``<step>.corrupt`` so it is never overwritten or read again. Any other
+    unparseable JSON, arrays or metadata that do not match their checksums) is skipped with a one-line
+    warning and, with ``set_aside``, renamed ``<step>.corrupt`` once an older step was read, so it is
+    never overwritten or read again. When every step is damaged, :class:`CheckpointUnreadableError`
+    is raised and nothing is renamed. A transient read error (EIO, memory) is retried a few times,
+    then raised as :class:`CheckpointReadError`. Any other
     failure to read raises and changes nothing on disk: a step written by a different model or
     algorithm (:class:`CheckpointMismatchError`), or a read that fails for a reason outside the
     step's files, such as the path, permissions or the installed packages (:class:`CheckpointReadError`).
@@ -383,7 +517,7 @@ def restore_latest(trainer, directory, step: int | None = None, *, set_aside: bo
             state = _load(trainer, directory, s)
         except CheckpointCorruptError as e:  # damaged: fall back to the previous step
             bad.append(s)
-            warnings.warn(f"checkpoint {directory / str(s)} is unreadable (damaged: {e.detail}); "
+            warnings.warn(f"checkpoint {directory / str(s)} is unreadable (damaged: {one_line(e.detail)}); "
                           "falling back to the previous one.", RuntimeWarning, stacklevel=3)
             continue
         meta = state["meta"]
@@ -392,10 +526,20 @@ def restore_latest(trainer, directory, step: int | None = None, *, set_aside: bo
             for b in bad:
                 _set_aside(directory, b)
         return meta
-    if bad and set_aside:
-        for b in bad:
-            _set_aside(directory, b)
+    if bad:
+        raise CheckpointUnreadableError(
+            f"no readable checkpoint in {directory}: every step is damaged (steps tried: "
+            f"{', '.join(map(str, bad))}); nothing was renamed or deleted. Refusing to start over from round 0 "
+            "on its own: pass on_unreadable='restart' to OrbaxCheckpoint/BackupAndRestore (fedtrain train "
+            "--restart-if-unreadable) to set them aside as <step>.corrupt and train from round 0, or restore "
+            "the directory from a backup.", directory, bad)
     return None
+
+
+def set_aside_steps(directory, steps: list[int]) -> None:
+    """Renames each step ``<step>.corrupt`` so it is never read or overwritten again."""
+    for s in steps:
+        _set_aside(absolute(directory), s)
 
 
 def restore_trainer(trainer, directory, step: int | None = None) -> int:
@@ -405,9 +549,7 @@ def restore_trainer(trainer, directory, step: int | None = None) -> int:
         raise CheckpointError(f"checkpoint directory {directory} does not exist")
     meta = restore_latest(trainer, directory, step)
     if meta is None:
-        raise CheckpointError(f"no readable checkpoint in {directory}: every step is damaged "
-                              f"(steps: {_steps(directory)})" if _steps(directory) else
-                              f"no checkpoint in {directory}")
+        raise CheckpointError(f"no checkpoint in {directory}")
     return int(meta["round"])
 
 
