@@ -206,7 +206,9 @@ def _train(args: argparse.Namespace) -> int:
                  cb.CSVLogger(workdir / "metrics.csv", append=True),
                  cb.TensorBoard(workdir / "tensorboard"),
                  cb.OrbaxCheckpoint(ckpt, every_rounds=int(config.get("checkpoint_every", 10) or 10),
-                                    async_save=False)]
+                                    async_save=False,
+                                    on_unreadable="restart" if getattr(args, "restart_if_unreadable", False)
+                                    else "error")]
     verbose = {"auto": "auto", "bar": 1, "line": 2, "none": 0}[args.progress]
     trainer.fit(exp.train_data, **exp.fit_kwargs, validation_data=exp.test_data, callbacks=callbacks,
                 verbose=verbose)
@@ -293,6 +295,9 @@ def add_recipe_commands(groups) -> None:
                    help="resume even though experiment keys (e.g. client_learning_rate, batch_size, "
                    "clients_per_round) differ from the workdir's config; the new values apply from the newest "
                    f"checkpoint's round on, and {RUN_FILE} records them as a new segment")
+    p.add_argument("--restart-if-unreadable", action="store_true",
+                   help="when every checkpoint in the workdir is damaged, set them aside as <step>.corrupt and "
+                   "train from round 0 (without it, training stops with an error naming the steps tried)")
     p.add_argument("--progress", choices=["auto", "bar", "line", "none"], default="auto",
                    help="progress display (default: a bar on a terminal, lines otherwise)")
     p.set_defaults(handler=cmd_train)
