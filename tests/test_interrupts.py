@@ -105,3 +105,27 @@ def test_sigterm_handler_is_restored_and_in_flight_round_end_finishes(data):
         assert signal.getsignal(signal.SIGTERM) is sentinel
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_ctrl_c_keeps_the_backup_and_a_second_fit_resumes_from_it(data, tmp_path):
+    """BackupAndRestore deletes its backup when training ends; not when Ctrl-C stopped it."""
+    from fedtrain import trainer as trainer_mod
+    from fedtrain.callbacks import BackupAndRestore, Callback
+
+    class CtrlC(Callback):
+        def on_round_end(self, round, logs=None):
+            if round == 1:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    def make():
+        return fedtrain.FederatedTrainer(TinyMLP(rngs=nnx.Rngs(0)), data, fedtrain.algorithms.fedavg(optax.sgd(0.1)))
+
+    backup = tmp_path / "backup"
+    t = make()
+    with pytest.raises(trainer_mod.TrainingInterrupted) as info:
+        t.fit(rounds=5, clients_per_round=3, batch_size=8, callbacks=[CtrlC(), BackupAndRestore(backup)], verbose=0)
+    assert info.value.signum == signal.SIGINT and t.round == 2
+    assert steps(backup) == [2]  # the async save of round 2 finished, and the backup is kept
+    t = make()
+    t.fit(rounds=3, clients_per_round=3, batch_size=8, callbacks=[BackupAndRestore(backup)], verbose=0)
+    assert t.round == 3 and t.history.rounds == [0, 1, 2] and not backup.exists()
