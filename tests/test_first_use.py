@@ -168,6 +168,7 @@ def test_fit_trains_the_module_passed_in(data):
     trainer.fit(rounds=2, **FIT)
     np.testing.assert_array_equal(module.l1.kernel[...], nnx.to_pure_dict(trainer.params)["l1"]["kernel"])
     assert not np.array_equal(before, module.l1.kernel[...])
+    np.testing.assert_array_equal(trainer.model_fns.init_params["l1"]["kernel"][...], before)  # still the init
     after_first = np.array(module.l1.kernel[...])
     trainer.fit(rounds=4, **FIT)  # the next fit's buffer donation must not touch the module's arrays
     assert np.isfinite(np.asarray(module(np.ones((2, 8), np.float32)))).all()

@@ -52,6 +52,9 @@ def from_nnx(
     if not isinstance(module, nnx.Module):
         raise TypeError(f"expected a flax.nnx.Module, got {type(module).__name__}.")
     graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+    # New containers for the same arrays: the split state shares its Variables with ``module``, which
+    # the trainer writes the trained weights into (``update_module``); ``init_params`` must not follow.
+    params, rest = jax.tree.map(lambda x: x, params), jax.tree.map(lambda x: x, rest)
     if not jax.tree.leaves(params):
         raise ValueError(f"{type(module).__name__} has no nnx.Param to train.")
     variables = jax.tree.leaves(rest, is_leaf=lambda v: isinstance(v, nnx.Variable))
