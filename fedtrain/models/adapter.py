@@ -44,6 +44,7 @@ def from_nnx(
 
     Without ``loss``/``metrics`` the module's own ``default_loss()`` / ``default_metrics()`` are used
     when it defines them (the zoo's sequence models do), else softmax cross-entropy and accuracy.
+    With a ``loss`` but no ``metrics``: accuracy when the loss has integer class labels, else none.
 
     Every rng stream of the module (e.g. ``dropout``) is reseeded per step from
     the engine's rng; ``train`` switches the module with ``module.train()`` /
@@ -72,11 +73,15 @@ def from_nnx(
             model.eval()
         return model(x)
 
+    own_loss = loss is None
     if loss is None:
         loss = module.default_loss() if hasattr(module, "default_loss") else "sparse_categorical_crossentropy"
-    if metrics is None:
-        metrics = module.default_metrics() if hasattr(module, "default_metrics") else ["accuracy"]
     loss_metric = metrics_lib.get(loss)
+    if metrics is None:  # accuracy by default only next to a classification loss (not e.g. after "mse")
+        if hasattr(module, "default_metrics") and own_loss:
+            metrics = module.default_metrics()
+        else:
+            metrics = ["accuracy"] if loss_metric.class_labels else []
     if loss_metric.name != "loss":
         loss_metric = loss_metric._replace(name="loss")
     metric_list = tuple(metrics_lib.get(m) for m in metrics)
