@@ -134,27 +134,24 @@ def _matched(what: str, label_key: str, labels: jax.Array, preds: jax.Array) -> 
     return labels.astype(jnp.float32), preds.astype(jnp.float32)
 
 
-def mean_squared_error(label_key: str = "y", name: str = "mse") -> Metric:
-    """Squared error against float targets (regression), averaged over each example's targets:
-    ``mean((pred - y)^2)``; the model's output has the targets' shape (``[B, 1]`` fits ``[B]``)."""
-
+def _regression_error(kind: str, error: Callable[[jax.Array], jax.Array], label_key: str, name: str) -> Metric:
     def fn(batch, preds):
-        y, p = _matched("mean_squared_error", label_key, batch[label_key], preds)
-        values = _per_example(jnp.square(p - y))
+        y, p = _matched(kind, label_key, batch[label_key], preds)
+        values = _per_example(error(p - y))
         return values, jnp.ones(values.shape, jnp.float32)
 
     return Metric(name, fn)
+
+
+def mean_squared_error(label_key: str = "y", name: str = "mse") -> Metric:
+    """Squared error against float targets (regression), averaged over each example's targets:
+    ``mean((pred - y)^2)``; the model's output has the targets' shape (``[B, 1]`` fits ``[B]``)."""
+    return _regression_error("mean_squared_error", jnp.square, label_key, name)
 
 
 def mean_absolute_error(label_key: str = "y", name: str = "mae") -> Metric:
     """Absolute error against float targets, averaged over each example's targets."""
-
-    def fn(batch, preds):
-        y, p = _matched("mean_absolute_error", label_key, batch[label_key], preds)
-        values = _per_example(jnp.abs(p - y))
-        return values, jnp.ones(values.shape, jnp.float32)
-
-    return Metric(name, fn)
+    return _regression_error("mean_absolute_error", jnp.abs, label_key, name)
 
 
 def binary_crossentropy(label_key: str = "y", name: str = "binary_crossentropy") -> Metric:
