@@ -93,19 +93,20 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=12)
     p.add_argument("--kill-at", type=int, default=0)
     p.add_argument("--kill-in-save", type=int, default=0)
+    p.add_argument("--on-unreadable", default="error")
     a = p.parse_args(argv)
     trainer = make_trainer()
     ckpt_cls = OrbaxCheckpoint if not a.kill_in_save else KillInSave
     kw = {} if not a.kill_in_save else {"kill_at": a.kill_in_save}
     callbacks = [ReduceLROnPlateau(monitor="loss", factor=0.5, patience=1),
                  CSVLogger(os.path.join(a.out + ".csv"), append=True),
-                 ckpt_cls(a.ckpt, every_rounds=2, max_to_keep=2, **kw)]
+                 ckpt_cls(a.ckpt, every_rounds=2, max_to_keep=2, on_unreadable=a.on_unreadable, **kw)]
     if a.kill_at:
         callbacks.append(KillAt(a.kill_at))
     history = trainer.fit(rounds=a.rounds, clients_per_round=4, batch_size=8, verbose=0, callbacks=callbacks,
                           validation_data=trainer.train_data, validation_freq=3)
     np.savez(a.out + ".npz", **final_state(trainer))
-    hist = {k: v for k, v in history.history.items() if k != "round_time"}
+    hist = {k: v for k, v in history.history.items() if k not in ("round_time", "val_time")}  # timings
     with open(a.out + ".json", "w") as f:
         json.dump({"rounds": history.rounds, "history": hist}, f)
     print("done", trainer.round, flush=True)

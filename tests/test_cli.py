@@ -41,7 +41,7 @@ def test_train_resume_eval_plot(tmp_path):
     workdir = tmp_path / "run"
     result = fedtrain("train", TINY, "--workdir", workdir, "--config.rounds=2", "--progress", "line")
     assert result.returncode == 0, result.stderr
-    assert "Round 2/2" in result.stdout
+    assert "Round 2/2" in result.stdout and "Evaluated" in result.stdout  # the final test evaluation
     for name in ("metrics.csv", "results.json", "fedtrain_run.json", "checkpoints", "tensorboard"):
         assert (workdir / name).exists(), name
     assert rounds_in(workdir) == [0, 1]
@@ -54,8 +54,9 @@ def test_train_resume_eval_plot(tmp_path):
 
     result = fedtrain("eval", workdir, "--json")
     assert result.returncode == 0, result.stderr
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+    out = json.loads(result.stdout)  # stdout is the result alone; the evaluation's progress goes to stderr
     assert out["round"] == 3 and 0.0 <= out["accuracy"] <= 1.0
+    assert "Evaluated" in result.stderr and "examples in" in result.stderr
 
     result = fedtrain("plot", workdir)
     assert result.returncode == 0, result.stderr

@@ -15,12 +15,14 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def run(*args, expect_kill=False):
+def run(*args, expect_kill=False, expect_error=False):
     env = dict(os.environ, PYTHONWARNINGS="default", XLA_PYTHON_CLIENT_PREALLOCATE="false")
     proc = subprocess.run([sys.executable, "-m", "tests.resume_script", *map(str, args)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     if expect_kill:
         assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    elif expect_error:
+        assert proc.returncode == 1, proc.stderr[-3000:]
     else:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -91,7 +93,9 @@ def test_altered_bytes_are_caught_by_the_checksum(reference, tmp_path):
     meta["checksum"] = "0" * 64
     meta_path.write_text(json.dumps(meta))
     shutil.rmtree(ckpt / "4", ignore_errors=True)
-    proc = run(ckpt, tmp_path / "out")
-    assert "do not match the checksum" in proc.stderr
-    # No good checkpoint left: training starts over and still ends identically.
+    proc = run(ckpt, tmp_path / "out", expect_error=True)
+    assert "do not match the checksum" in proc.stderr and "every step is damaged" in proc.stderr
+    assert (ckpt / "6").is_dir()  # nothing renamed without an explicit choice
+    # Starting over is an explicit choice; the run then still ends identically.
+    proc = run(ckpt, tmp_path / "out", "--on-unreadable", "restart")
     assert_same_run(reference, tmp_path / "out")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 from fedtrain.cli.config import apply_overrides, load_recipe_module, recipe_config, recipe_dirs, resolve_recipe
@@ -212,7 +213,8 @@ def _train(args: argparse.Namespace) -> int:
     verbose = {"auto": "auto", "bar": 1, "line": 2, "none": 0}[args.progress]
     trainer.fit(exp.train_data, **exp.fit_kwargs, validation_data=exp.test_data, callbacks=callbacks,
                 verbose=verbose)
-    results = trainer.evaluate(exp.test_data, batch_size=exp.fit_kwargs["validation_batch_size"])
+    results = trainer.evaluate(exp.test_data, batch_size=exp.fit_kwargs["validation_batch_size"],
+                               callbacks=[cb.ProgressBar(1)] if verbose else None)
     out = {"recipe": recipe, "variant": variant, "rounds": trainer.round, "test": results,
            "expected_accuracy": config.get("expected_accuracy")}
     write_atomic(workdir / "results.json", json.dumps(out, indent=2))
@@ -234,7 +236,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     exp = experiment.build(config)
     trainer = exp.trainer()
     rounds = trainer.restore(workdir / "checkpoints")
-    results = trainer.evaluate(exp.test_data, batch_size=exp.fit_kwargs["validation_batch_size"])
+    from fedtrain.callbacks import ProgressBar
+
+    results = trainer.evaluate(exp.test_data, batch_size=exp.fit_kwargs["validation_batch_size"],
+                               callbacks=[ProgressBar(1, file=sys.stderr)])  # stdout stays the result (--json)
     if args.json:
         print(json.dumps({"recipe": run["recipe"], "round": rounds, **results}))
     else:
