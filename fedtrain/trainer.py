@@ -398,10 +398,18 @@ class FederatedTrainer:
         if not ids:
             raise ValueError("validation_data has no examples; pass clients with examples, or no validation_data.")
         specs = feature_specs(data.get_client(ids[0]))
-        for name in {self.model_fns.input_key, *labels}:
-            if specs.get(name) != train_specs.get(name):
-                raise ValueError(f"validation_data: feature {name!r} is {specs.get(name)} in client {ids[0]!r} but "
-                                 f"{train_specs.get(name)} in the training data; both need the same features.")
+        missing = sorted({self.model_fns.input_key, *labels} - set(specs))
+        if missing:
+            raise ValueError(f"validation_data: client {ids[0]!r} lacks features {missing} that the model and "
+                             f"metrics read (training data has {sorted(train_specs)}).")
+        batch = _abstract_batch(specs, 2)
+        try:  # shapes may differ from training (e.g. longer sequences) as long as the model runs on them
+            jax.eval_shape(lambda p, b: loss_and_metrics(self.model_fns, p, b, None, False),
+                           self.model_fns.init_params, batch)
+        except Exception as e:
+            shapes = {k: f"{v.dtype}{list(v.shape)}" for k, v in batch.items() if k != MASK_KEY}
+            raise ValueError(f"validation_data: the model, loss or metrics cannot run on its batches {shapes}: "
+                             f"{type(e).__name__}: {e}") from e
         check_population(data, ids, specs, what="validation_data", class_labels=labels)
 
     # ------------------------------------------------------------------ state

@@ -69,7 +69,8 @@ def agnostic_fedavg(client_tx: optax.GradientTransformation, init_domain_weights
         return AgnosticState(params, server_tx.init(params), weights0, window)
 
     def broadcast(state, ctx):
-        return AgnosticBroadcast(state.params, state.domain_weights / jnp.mean(state.domain_window, axis=0))
+        # A domain with no examples in the window keeps alpha = lambda (FedJAX divides by zero: NaN).
+        return AgnosticBroadcast(state.params, safe_div(state.domain_weights, jnp.mean(state.domain_window, axis=0)))
 
     def domain_losses(bc, batch, ctx):  # the prepass: every example once, at the broadcast model
         losses, counts, _ = ctx.example_losses(bc.params, batch)
