@@ -15,12 +15,14 @@ results of an uninterrupted run.
 from __future__ import annotations
 
 import errno
+import gc
 import hashlib
 import json
 import logging
 import os
 import re
 import time
+import traceback
 import warnings
 from pathlib import Path
 from typing import Any
@@ -465,6 +467,15 @@ def _transient(err: BaseException) -> bool:
     return False
 
 
+def _drop_pending_reads(err: BaseException) -> None:
+    """Frees the read coroutines a failed orbax restore leaves in ``err``'s frames, so their
+    "coroutine ... was never awaited" RuntimeWarning is not printed at some later, unrelated point."""
+    traceback.clear_frames(err.__traceback__)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
+        gc.collect()
+
+
 def _load(trainer, directory: Path, step: int) -> dict:
     """Reads one step; a transient error is retried ``READ_ATTEMPTS`` times with a short backoff, then
     raised as :class:`CheckpointReadError` (the step is left as it is)."""
@@ -472,6 +483,7 @@ def _load(trainer, directory: Path, step: int) -> dict:
         try:
             return _load_step(trainer, directory, step)
         except Exception as e:  # MemoryError too: it is an Exception
+            _drop_pending_reads(e)
             if _transient(e):
                 if attempt < READ_ATTEMPTS:
                     log.warning("reading checkpoint step %d in %s failed (%s); retrying", step, directory,
