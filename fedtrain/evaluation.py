@@ -59,6 +59,39 @@ def _batches(data: FederatedData, client_ids: Sequence[str], batch_size: int) ->
         yield emit()
 
 
+LOWER_IS_BETTER = ("loss", "error", "mse", "mae", "perplexity")
+
+
+def higher_is_better(metric: str) -> bool:
+    """False for losses and errors (a name containing one of :data:`LOWER_IS_BETTER`), True otherwise."""
+    return not any(word in metric.lower() for word in LOWER_IS_BETTER)
+
+
+def summarize_clients(totals: dict[str, dict[str, tuple[float, float]]]) -> dict[str, float]:
+    """The distribution over clients of every metric, from per-client ``{cid: {metric: (sum, count)}}``.
+
+    For each metric ``m``: ``m`` (pooled over examples: ``sum / count`` over all clients, as a plain
+    evaluation), ``m_client_mean`` (each client counts once), ``m_p10``, ``m_p50``, ``m_p90`` (percentiles
+    over clients, linear interpolation) and ``m_worst10`` (mean over the worst tenth of clients, at least
+    one: the lowest values, or the highest for losses and errors, see :func:`higher_is_better`). A client
+    with no weight for a metric (count 0) is left out of that metric's distribution. Also ``num_clients``.
+    """
+    logs: dict[str, float] = {"num_clients": float(len(totals))}
+    names = sorted({m for per in totals.values() for m in per})
+    for m in names:
+        pairs = np.array([per[m] for per in totals.values() if m in per], np.float64).reshape(-1, 2)
+        pairs = pairs[pairs[:, 1] > 0]
+        if not len(pairs):
+            continue
+        values = pairs[:, 0] / pairs[:, 1]
+        ordered = np.sort(values) if higher_is_better(m) else -np.sort(-values)
+        worst = ordered[:max(1, int(np.ceil(0.1 * len(values))))]
+        logs.update({m: float(pairs[:, 0].sum() / pairs[:, 1].sum()), f"{m}_client_mean": float(values.mean()),
+                     f"{m}_p10": float(np.percentile(values, 10)), f"{m}_p50": float(np.percentile(values, 50)),
+                     f"{m}_p90": float(np.percentile(values, 90)), f"{m}_worst10": float(worst.mean())})
+    return logs
+
+
 class Evaluator:
     """Sums loss and metrics over a dataset with one jitted step of fixed batch size."""
 

@@ -11,7 +11,9 @@ Six functions, always called with the same arguments; run facts come in ``ctx``:
 
 Options: ``prepass`` (a pass over each client's whole dataset before training), ``client_state_init``
 (persistent per-client state), ``aggregator`` (how updates are combined; the engine keeps its state),
-``params`` (the model to evaluate), ``eval_models`` (several models: each client is evaluated on its best).
+``params`` (the model to evaluate), ``eval_models`` (several models: each client is evaluated on its best),
+``personal_params`` (the model a client with stored state is evaluated on: APFL's mixture, Ditto's
+personal model, a global body with the client's own head).
 """
 
 from __future__ import annotations
@@ -133,6 +135,7 @@ class Algorithm(NamedTuple):
     aggregator: Aggregator = weighted_mean()
     eval_models: Callable[[PyTree], PyTree] | None = None
     hyperparams: dict[str, Any] = {}
+    personal_params: Callable[[PyTree, PyTree], PyTree] | None = None
 
 
 SIGNATURES = {
@@ -147,6 +150,7 @@ SIGNATURES = {
     "prepass.cohort": "prepass.cohort(broadcast, total, ctx) -> broadcast",
     "client_state_init": "client_state_init(params) -> client_state",
     "eval_models": "eval_models(server_state) -> stacked_params",
+    "personal_params": "personal_params(server_state, client_state) -> params",
 }
 
 
@@ -170,7 +174,12 @@ def check_algorithm(algorithm: Algorithm) -> None:
         raise TypeError(f"algorithm must be a fedtrain.algorithms.Algorithm (e.g. "
                         f"fedtrain.algorithms.fedavg(optax.sgd(0.1))); got {type(algorithm).__name__}.")
     fields = ["init", "broadcast", "client_init", "client_step", "client_final", "server_update", "params"]
-    fields += [f for f in ("client_state_init", "eval_models") if getattr(algorithm, f) is not None]
+    fields += [f for f in ("client_state_init", "eval_models", "personal_params") if getattr(algorithm, f) is not None]
+    if algorithm.personal_params is not None and algorithm.client_state_init is None:
+        raise TypeError(f"algorithm {algorithm.name!r}: personal_params reads each client's stored state, so the "
+                        "algorithm needs client_state_init too.")
+    if algorithm.personal_params is not None and algorithm.eval_models is not None:
+        raise TypeError(f"algorithm {algorithm.name!r}: give personal_params or eval_models, not both.")
     checks = [(f, getattr(algorithm, f)) for f in fields]
     if algorithm.prepass is not None:
         if not isinstance(algorithm.prepass, Prepass):
