@@ -2,6 +2,10 @@
 
 For algorithms with several models (e.g. HypCluster) :meth:`Evaluator.evaluate_best_of` gives each
 client the model with the lowest loss on its selection data, then evaluates every client on its model.
+Per-client results come as totals ``{client_id: {metric: (sum, count)}}``:
+:meth:`Evaluator.client_totals` (one shared model), :meth:`Evaluator.personal_totals` (each client on
+its personal model, lanes of clients side by side) and :meth:`Evaluator.best_of_client_totals`;
+:func:`summarize_clients` turns them into the distribution over clients.
 """
 
 from __future__ import annotations
@@ -19,6 +23,44 @@ from fedtrain.engine.plan import feature_specs
 from fedtrain.models.adapter import MASK_KEY, Model, metric_sums
 
 DEFAULT_BATCH_SIZE = 128
+DEFAULT_LANES = 8
+
+Totals = dict[str, dict[str, tuple[float, float]]]
+
+
+def example_sums(model: Model, params, batch: dict) -> dict[str, tuple[jax.Array, jax.Array]]:
+    """``{name: (sums [B], weights [B])}`` for the loss and every metric: each example's weighted values
+    and weight, summed over the non-batch axes (e.g. sequence positions), padding (``MASK_KEY``) at 0."""
+    logits = model.apply(params, batch[model.input_key], None, False)
+    mask = batch[MASK_KEY]
+    out = {}
+    for metric in (model.loss, *model.metrics):
+        values, weights = metric.fn(batch, logits)
+        weights = weights * jnp.reshape(mask, mask.shape + (1,) * (weights.ndim - 1)).astype(weights.dtype)
+        axes = tuple(range(1, weights.ndim))
+        out[metric.name] = (jnp.sum(values * weights, axis=axes), jnp.sum(weights, axis=axes))
+    return out
+
+
+def lane_sums(model: Model, params, batch: dict) -> dict[str, tuple[jax.Array, jax.Array]]:
+    """``{name: (sum, count)}`` of one client's batch (:func:`example_sums` summed over the batch)."""
+    return {k: (jnp.sum(s), jnp.sum(w)) for k, (s, w) in example_sums(model, params, batch).items()}
+
+
+def _client_arrays(examples: dict, specs: dict, batch_size: int, steps: int) -> dict[str, np.ndarray]:
+    """One client's examples as ``[steps, batch_size, ...]`` arrays with ``MASK_KEY``, zero padded."""
+    n = next(iter(examples.values())).shape[0] if examples else 0
+    out = {}
+    for k, spec in specs.items():
+        if k not in examples:
+            raise ValueError(f"a client lacks feature {k!r} that other clients have.")
+        buf = np.zeros((steps * batch_size,) + spec.shape, spec.dtype)
+        buf[:n] = examples[k]
+        out[k] = buf.reshape((steps, batch_size) + spec.shape)
+    mask = np.zeros((steps * batch_size,), np.float32)
+    mask[:n] = 1.0
+    out[MASK_KEY] = mask.reshape(steps, batch_size)
+    return out
 
 
 def _batches(data: FederatedData, client_ids: Sequence[str], batch_size: int) -> Iterator[tuple[dict, np.ndarray]]:
@@ -97,9 +139,25 @@ class Evaluator:
 
     def __init__(self, model: Model):
         self.model = model
+        self.metric_names = (model.loss.name, *(m.name for m in model.metrics))
         self._step = jax.jit(self._sums)
         self._apply = jax.jit(lambda p, x: model.apply(p, x, None, False))
         self._model_losses = jax.jit(jax.vmap(lambda p, b: example_losses(model, p, b)[:2], in_axes=(0, None)))
+        self._example_step = jax.jit(lambda p, b: self._stacked(example_sums(model, p, b)))  # [M, 2, B]
+        self._lane_step = jax.jit(jax.vmap(lambda p, b: self._stacked(lane_sums(model, p, b))))  # [L, M, 2]
+        self._personal_fns: dict[Callable, Callable] = {}
+
+    def _stacked(self, sums) -> jax.Array:
+        return jnp.stack([jnp.stack(sums[name]) for name in self.metric_names])
+
+    def _as_totals(self, ids: Sequence[str], acc: np.ndarray) -> Totals:
+        """``acc`` ``[clients, metrics, 2]`` as ``{cid: {metric: (sum, count)}}``; clients with no weight for
+        any metric (no examples) are left out."""
+        out = {}
+        for cid, rows in zip(ids, acc):
+            if (rows[:, 1] > 0).any():
+                out[cid] = {name: (float(r[0]), float(r[1])) for name, r in zip(self.metric_names, rows)}
+        return out
 
     def _sums(self, params, batch):
         logits = self.model.apply(params, batch[self.model.input_key], None, False)
@@ -126,6 +184,95 @@ class Evaluator:
         """Means over every example; ``progress(n)`` is called after each batch of ``n`` real examples."""
         return self._means(self._totals(params, data, list(data.client_ids), int(batch_size or DEFAULT_BATCH_SIZE),
                                         progress))
+
+    def client_totals(self, params, data: FederatedData, client_ids: Sequence[str] | None = None, *,
+                      batch_size: int | None = None, progress: Callable[[int], None] | None = None) -> Totals:
+        """``{client_id: {metric: (sum, count)}}`` of every client of ``client_ids`` (default: all of
+        ``data``) with examples, on the shared model ``params``: the dense batches of :meth:`evaluate`,
+        per-example sums added to their owners on the host (float64)."""
+        ids = list(data.client_ids) if client_ids is None else list(client_ids)
+        acc = np.zeros((len(ids), len(self.metric_names), 2), np.float64)
+        pending: list[tuple[np.ndarray, jax.Array]] = []
+
+        def drain():
+            outs = jax.device_get([o for _, o in pending])
+            owners = np.concatenate([w for w, _ in pending])
+            values = np.concatenate([np.asarray(o, np.float64) for o in outs], axis=-1)  # [M, 2, n*B]
+            real = owners >= 0
+            np.add.at(acc, owners[real], np.moveaxis(values[:, :, real], -1, 0))
+            pending.clear()
+
+        for batch, owners in _batches(data, ids, int(batch_size or DEFAULT_BATCH_SIZE)):
+            pending.append((owners, self._example_step(params, batch)))
+            if progress is not None:
+                progress(int(batch[MASK_KEY].sum()))
+            if len(pending) >= 64:  # bounded memory; the device runs ahead meanwhile
+                drain()
+        if pending:
+            drain()
+        return self._as_totals(ids, acc)
+
+    def personal_totals(self, personal_params: Callable, server_state, client_states: Sequence[Any],
+                        data: FederatedData, client_ids: Sequence[str], *, batch_size: int | None = None,
+                        lanes: int = DEFAULT_LANES, progress: Callable[[int], None] | None = None) -> Totals:
+        """Totals of each client of ``client_ids`` on its own model ``personal_params(server_state, state)``
+        (``client_states[i]`` belongs to ``client_ids[i]``): ``lanes`` clients at a time, their states
+        stacked and both ``personal_params`` and the evaluation vmapped over the lanes, each lane fed its
+        client's zero-padded batches (fixed shapes: one compile)."""
+        ids = list(client_ids)
+        if len(client_states) != len(ids):
+            raise ValueError(f"{len(client_states)} client states for {len(ids)} clients.")
+        lanes = int(lanes)
+        if lanes < 1:
+            raise ValueError(f"lanes must be >= 1, got {lanes}.")
+        bs = int(batch_size or DEFAULT_BATCH_SIZE)
+        acc = np.zeros((len(ids), len(self.metric_names), 2), np.float64)
+        sizes = np.asarray([data.client_size(c) for c in ids], np.int64)
+        order = [i for i in np.argsort(-sizes, kind="stable") if sizes[i] > 0]  # similar sizes share a group
+        if not order:
+            return {}
+        specs = feature_specs(data.get_client(ids[order[0]]))
+        fn = self._personal_fns.get(personal_params)
+        if fn is None:
+            fn = self._personal_fns[personal_params] = jax.jit(jax.vmap(personal_params, in_axes=(None, 0)))
+        for g in range(0, len(order), lanes):
+            group = order[g:g + lanes]
+            steps = int(np.ceil(sizes[group[0]] / bs))
+            per_lane = []
+            for i in group:
+                try:
+                    per_lane.append(_client_arrays(data.get_client(ids[i]), specs, bs, steps))
+                except ValueError as e:
+                    raise ValueError(f"client {ids[i]!r}: {e}") from None
+            empty = {k: np.zeros_like(v) for k, v in per_lane[0].items()}
+            per_lane += [empty] * (lanes - len(group))
+            stacked = {k: np.stack([a[k] for a in per_lane], axis=1) for k in per_lane[0]}  # [steps, L, B, ...]
+            states = [client_states[i] for i in group]
+            states += [states[0]] * (lanes - len(group))
+            params = fn(server_state, jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *states))
+            total = None
+            for t in range(steps):
+                out = self._lane_step(params, {k: v[t] for k, v in stacked.items()})
+                total = out if total is None else total + out
+                if progress is not None:
+                    progress(int(stacked[MASK_KEY][t].sum()))
+            acc[group] = np.asarray(jax.device_get(total), np.float64)[:len(group)]
+        return self._as_totals(ids, acc)
+
+    def best_of_client_totals(self, stacked, data: FederatedData, *, select_with: FederatedData | None = None,
+                              batch_size: int | None = None,
+                              progress: Callable[[int], None] | None = None) -> tuple[Totals, dict[str, int]]:
+        """Per-client totals when every client of ``data`` uses the model :meth:`choose_models` picks for
+        it, and that choice ``{client_id: j}``."""
+        bs = int(batch_size or DEFAULT_BATCH_SIZE)
+        choice = self.choose_models(stacked, data, select_with=select_with, batch_size=bs)
+        totals: Totals = {}
+        for j in range(jax.tree.leaves(stacked)[0].shape[0]):
+            ids = [cid for cid, m in choice.items() if m == j]
+            if ids:
+                totals.update(self.client_totals(jax.tree.map(lambda x: x[j], stacked), data, ids, batch_size=bs,
+                                                 progress=progress))
+        return totals, choice
 
     def choose_models(self, stacked, data: FederatedData, *, select_with: FederatedData | None = None,
                       batch_size: int | None = None) -> dict[str, int]:

@@ -30,7 +30,7 @@ from fedtrain.engine import BatchSpec, Engine, Population, RoundInput
 from fedtrain.engine import hyperparams as _hp
 from fedtrain.engine.feeder import RoundFeeder, population_of
 from fedtrain.engine.plan import FeatureSpec, feature_specs
-from fedtrain.evaluation import DEFAULT_BATCH_SIZE, Evaluator
+from fedtrain.evaluation import DEFAULT_BATCH_SIZE, Evaluator, summarize_clients
 from fedtrain.models.adapter import MASK_KEY, Model, from_nnx, loss_and_metrics
 from fedtrain.samplers import UniformSampler, max_cohort
 
@@ -106,6 +106,7 @@ class FederatedTrainer:
         self.callbacks: CallbackList | None = None
         self._clients_per_round: int | None = None
         self._evaluator = Evaluator(self.model_fns)
+        self.client_metrics: dict[str, dict[str, Any]] | None = None  # see evaluate(per_client=True)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -197,6 +198,7 @@ class FederatedTrainer:
         validation_data: FederatedData | None = None,
         validation_freq: int | Sequence[int] = 1,
         validation_batch_size: int | None = None,
+        validation_per_client: bool = False,
         callbacks: Sequence[Callback] | None = None,
         verbose: int | str = "auto",
         initial_round: int | None = None,
@@ -206,7 +208,12 @@ class FederatedTrainer:
         ``initial_round`` defaults to the rounds already completed, so a second ``fit``
         (or a restored checkpoint) continues where training stopped. Returns the
         ``History``; ``trainer.stop_training = True`` from a callback ends after the round.
+        ``validation_per_client=True`` validates with ``evaluate(per_client=True)``: the round logs
+        add ``val_`` + the distribution keys (``val_accuracy_p10``, ...) and ``trainer.client_metrics``
+        holds the round's per-client values (the ``TensorBoard`` callback writes their histograms).
         """
+        if not isinstance(validation_per_client, bool):
+            raise TypeError(f"validation_per_client must be True or False, got {validation_per_client!r}.")
         validation_data = None if validation_data is None else as_federated_data(validation_data, "validation_data")
         data, population, spec, verbose = self._start(train_data, rounds, clients_per_round, initial_round, verbose,
                                                       BatchSpec(int(batch_size), local_epochs, local_steps),
@@ -235,7 +242,8 @@ class FederatedTrainer:
                 logs["round_time"] = time.perf_counter() - t0  # training only; validation is val_time
                 if validation_data is not None and val_rounds(r + 1, rounds):
                     t1 = time.perf_counter()
-                    val = self.evaluate(validation_data, batch_size=validation_batch_size, callbacks=callback_list)
+                    val = self.evaluate(validation_data, batch_size=validation_batch_size, callbacks=callback_list,
+                                        per_client=validation_per_client)
                     logs.update({f"val_{k}": v for k, v in val.items()}, val_time=time.perf_counter() - t1)
                 self.round = r + 1
                 callback_list.on_round_end(r, logs)
@@ -457,16 +465,33 @@ class FederatedTrainer:
 
     # ------------------------------------------------------------------ evaluate / predict
     def evaluate(self, data: FederatedData, *, batch_size: int | None = None, callbacks=None,
-                 verbose: int = 0, select_with: FederatedData | None = None) -> dict[str, float]:
+                 verbose: int = 0, select_with: FederatedData | None = None,
+                 per_client: bool = False) -> dict[str, float]:
         """Loss and metrics of the current model over every example of every client of ``data``
-        (a ``FederatedData``, a dict of clients or a store path).
+        (a ``FederatedData``, a dict of clients or a store path), as a flat dict of floats.
 
         ``verbose=1`` shows a progress bar (one line at the end when stdout is not a terminal) and
         prints the metrics. For algorithms with several models (``algorithm.eval_models``, e.g.
         HypCluster) each client is evaluated on the model with the lowest loss on its examples in
         ``select_with`` (default: the training data; a client missing there selects on its own
         examples in ``data``), and the logs add ``model_share_j``.
+
+        For algorithms with ``personal_params`` every client with stored state is evaluated on its
+        personal model ``personal_params(server_state, state)``, with or without ``per_client``; the
+        others (never trained) on the global model ``algorithm.params(server_state)``. The logs add
+        ``personalized_clients`` and ``global_clients``; clients whose ids the training data does not
+        have get one warning saying how many.
+
+        ``per_client=True`` adds the distribution over clients (:func:`fedtrain.evaluation.summarize_clients`):
+        ``m_client_mean``, ``m_p10``, ``m_p50``, ``m_p90``, ``m_worst10`` for the loss and every metric,
+        and ``num_clients``; the pooled ``m`` equals a plain evaluation's. Per-client evaluations (with
+        ``per_client=True``, or any of an algorithm with ``personal_params``) set
+        ``trainer.client_metrics`` to ``{client_id: {"num_examples": n, "personalized": bool,
+        metric: value, ...}}`` (``"model": j`` too for ``eval_models``); clients without examples are
+        left out.
         """
+        if not isinstance(per_client, bool):
+            raise TypeError(f"per_client must be True or False, got {per_client!r}.")
         data = as_federated_data(data, "data")
         if isinstance(callbacks, CallbackList):
             callback_list = callbacks
@@ -484,7 +509,12 @@ class FederatedTrainer:
             done[1] += 1
 
         callback_list.on_test_begin({"total_examples": total})
-        if self.algorithm.eval_models is not None:
+        if per_client or self.algorithm.personal_params is not None:
+            if total == 0:
+                raise ValueError("the evaluation data has no examples; per-client evaluation needs at least one "
+                                 "client with examples.")
+            logs = self._evaluate_clients(data, batch_size, select_with, progress, per_client)
+        elif self.algorithm.eval_models is not None:
             logs = self._evaluator.evaluate_best_of(
                 self.algorithm.eval_models(self.server_state), data,
                 select_with=self.train_data if select_with is None else select_with, batch_size=batch_size,
@@ -494,6 +524,61 @@ class FederatedTrainer:
         callback_list.on_test_end(logs)
         if verbose:
             print(" - ".join(f"{k}: {v:.4f}" for k, v in logs.items()))
+        return logs
+
+    def _evaluate_clients(self, data: FederatedData, batch_size, select_with, progress, per_client: bool):
+        """Per-client totals on each client's model; sets ``client_metrics`` and returns the logs."""
+        alg, ev = self.algorithm, self._evaluator
+        ids = list(data.client_ids)
+        personalized: set[str] = set()
+        choice: dict[str, int] = {}
+        extra: dict[str, float] = {}
+        if alg.eval_models is not None:
+            totals, choice = ev.best_of_client_totals(
+                alg.eval_models(self.server_state), data, select_with=self.train_data if select_with is None
+                else select_with, batch_size=batch_size, progress=progress)
+            for j in range(jax.tree.leaves(alg.eval_models(self.server_state))[0].shape[0]):
+                extra[f"model_share_{j}"] = sum(m == j for m in choice.values()) / max(len(choice), 1)
+        elif alg.personal_params is not None:
+            store = self.client_states
+            stateful = [c for c in ids if c in store]
+            others = [c for c in ids if c not in store]
+            known = set(self.train_data.client_ids) if self.train_data is not None else set()
+            unknown = [c for c in others if c not in known and data.client_size(c) > 0]
+            if unknown:
+                warnings.warn(
+                    f"{len(unknown)} of the {len(ids)} evaluation clients (e.g. {unknown[0]!r}) are not clients of "
+                    f"the training data, so they have no personal model: they are evaluated on the global model "
+                    f"(algorithm.params). Evaluate on data keyed by the training client ids for personalized "
+                    f"results.", UserWarning, stacklevel=3)
+            totals = ev.personal_totals(alg.personal_params, self.server_state, [store.get(c) for c in stateful],
+                                        data, stateful, batch_size=batch_size, progress=progress)
+            personalized = set(totals)
+            totals.update(ev.client_totals(self.params, data, others, batch_size=batch_size, progress=progress))
+            extra = {"personalized_clients": float(len(personalized)),
+                     "global_clients": float(len(totals) - len(personalized))}
+        else:
+            totals = ev.client_totals(self.params, data, ids, batch_size=batch_size, progress=progress)
+        if not totals:
+            raise ValueError("the evaluation data has no examples.")
+        if per_client:
+            logs = summarize_clients(totals)
+        else:
+            logs = {}
+            for name in ev.metric_names:
+                s = sum(t[name][0] for t in totals.values())
+                c = sum(t[name][1] for t in totals.values())
+                logs[name] = s / c if c > 0 else float("nan")
+        logs.update(extra)
+        self.client_metrics = {}
+        for cid in ids:
+            if cid not in totals:
+                continue
+            row: dict[str, Any] = {"num_examples": int(data.client_size(cid)), "personalized": cid in personalized}
+            if choice:
+                row["model"] = choice[cid]
+            row.update({m: s / c if c > 0 else float("nan") for m, (s, c) in totals[cid].items()})
+            self.client_metrics[cid] = row
         return logs
 
     def predict(self, x, *, batch_size: int = 256):
