@@ -288,12 +288,21 @@ def test_mime_matches_numpy(full, full_batch, regime):
 
 
 @pytest.mark.parametrize("regime", list(REGIMES))
-def test_agnostic_fedavg_matches_numpy(regime):
-    eta, pb = 0.5, Problem(domains=True, rounds=3, **REGIMES[regime])
+@pytest.mark.parametrize("domains", ["mixed", "one_absent"])
+def test_agnostic_fedavg_matches_numpy(regime, domains):
+    if domains == "mixed":
+        eta, pb = 0.5, Problem(domains=True, rounds=3, **REGIMES[regime])
+    else:  # domain 1 lives on client 0 only: one client per round, so most rounds see no domain-1 example
+        eta, pb = 0.5, Problem(domains=True, rounds=4, clients_per_round=1, **REGIMES[regime])
+        for i, cid in enumerate(pb.ids):
+            pb.clients[cid]["domain_id"] = np.full_like(pb.clients[cid]["domain_id"], int(i == 0))
+        pb.data = fedtrain.InMemoryFederatedData(pb.clients)
     w, b = pb.train(agnostic_fedavg(optax.sgd(CLIENT_LR), [0.3, 0.7], eta, server_tx=optax.sgd(0.9)))
+    if domains == "one_absent":
+        assert any(pb.ids[0] not in cohort for cohort in pb.cohorts[:-1])  # a round without domain 1
     lam, window = np.array([0.3, 0.7]), np.ones(2)
     for r, cohort in enumerate(pb.cohorts):
-        alpha = lam / window
+        alpha = np.divide(lam, window, out=lam.copy(), where=window > 0)  # an absent domain keeps alpha = lambda
         dws, dbs, betas, L, N = [], [], [], np.zeros(2), np.zeros(2)
         for cid in cohort:
             x, y = pb.xy(cid)
@@ -317,8 +326,9 @@ def test_agnostic_fedavg_matches_numpy(regime):
         betas = np.array(betas)
         w = w - 0.9 * np.tensordot(betas, dws, 1) / betas.sum()
         b = b - 0.9 * np.tensordot(betas, dbs, 1) / betas.sum()
-        lam = lam * np.exp(eta * L / N)
+        lam = lam * np.exp(eta * np.divide(L, N, out=np.zeros(2), where=N > 0))
         lam, window = lam / lam.sum(), N
+    assert np.all(np.isfinite(lam))
     pb.check(w, b)
     np.testing.assert_allclose(pb.trainer.server_state.domain_weights, lam, atol=1e-5)
     assert pb.trainer.history.history["domain_weight_1"][-1] == pytest.approx(lam[1], abs=1e-5)
