@@ -252,14 +252,27 @@ class FederatedTrainer:
                     break
         except KeyboardInterrupt as e:  # SIGINT, or SIGTERM turned into TrainingInterrupted
             interrupted = e if isinstance(e, TrainingInterrupted) else TrainingInterrupted(signal.SIGINT)
+        except BaseException:
+            _abort_callbacks(callback_list)  # on_train_end will not run: locks are released here
+            raise
         finally:
-            stop_signals.restore()
+            if interrupted is None:
+                stop_signals.restore()
             feeder.close()
             self.update_module()
         if interrupted is not None:
-            _finish_interrupted(callback_list, logs, interrupted)  # the in-flight save ends on disk
+            try:  # the handlers stay: a second signal while the save finishes raises TrainingInterrupted
+                _finish_interrupted(callback_list, logs, interrupted)  # the in-flight save ends on disk
+            except KeyboardInterrupt:  # a second signal: the in-flight save is abandoned, not waited for
+                _abort_callbacks(callback_list)
+            finally:
+                stop_signals.restore()
             raise interrupted from None
-        callback_list.on_train_end(logs)
+        try:
+            callback_list.on_train_end(logs)
+        except BaseException:
+            _abort_callbacks(callback_list)
+            raise
         return self.history
 
     def _start(self, train_data, rounds, clients_per_round, initial_round, verbose, spec: BatchSpec,
@@ -534,10 +547,11 @@ class FederatedTrainer:
         choice: dict[str, int] = {}
         extra: dict[str, float] = {}
         if alg.eval_models is not None:
+            stacked = alg.eval_models(self.server_state)
             totals, choice = ev.best_of_client_totals(
-                alg.eval_models(self.server_state), data, select_with=self.train_data if select_with is None
-                else select_with, batch_size=batch_size, progress=progress)
-            for j in range(jax.tree.leaves(alg.eval_models(self.server_state))[0].shape[0]):
+                stacked, data, select_with=self.train_data if select_with is None else select_with,
+                batch_size=batch_size, progress=progress)
+            for j in range(jax.tree.leaves(stacked)[0].shape[0]):
                 extra[f"model_share_{j}"] = sum(m == j for m in choice.values()) / max(len(choice), 1)
         elif alg.personal_params is not None:
             store = self.client_states
@@ -613,7 +627,8 @@ class TrainingInterrupted(KeyboardInterrupt):
 class _StopSignals:
     """While ``fit`` runs (main thread only), Ctrl-C (SIGINT) and SIGTERM stop training cleanly: the first
     signal lets the round in progress and its callbacks (checkpoint, logs) finish, then ``check()`` raises
-    ``TrainingInterrupted(signum)``; a second one raises at once. ``restore()`` puts the previous handlers
+    ``TrainingInterrupted(signum)``; a second one (also while the in-flight save finishes) raises at once and
+    the save is abandoned, the newest finished step left as it was. ``restore()`` puts the previous handlers
     back. A SIGINT handler other than Python's default is left alone."""
 
     def __init__(self) -> None:
@@ -656,6 +671,20 @@ def _finish_interrupted(callback_list: CallbackList, logs: dict, interrupted: Tr
     finally:
         for cb in kept:
             cb.delete_checkpoint = True
+
+
+def _abort_callbacks(callback_list: CallbackList) -> None:
+    """``fit`` ends by an exception: each callback with an ``on_train_abort()`` hook (a checkpoint's lock and
+    writer) is called; an error there is a warning, so the original exception is the one raised."""
+    for cb in callback_list.callbacks:
+        abort = getattr(cb, "on_train_abort", None)
+        if abort is None:
+            continue
+        try:
+            abort()
+        except Exception as e:  # noqa: BLE001 - the exception that ended fit is the one to report
+            warnings.warn(f"{type(cb).__name__}.on_train_abort failed: {type(e).__name__}: {e}", RuntimeWarning,
+                          stacklevel=3)
 
 
 def _total_examples(data: FederatedData) -> int:
