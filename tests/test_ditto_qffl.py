@@ -261,3 +261,37 @@ def test_raising_q_narrows_the_spread_of_client_losses():
 def test_bad_hyperparameters_fail_at_construction(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+@pytest.mark.parametrize("make", [lambda: ditto(optax.sgd(CLIENT_LR), 0.5, optax.adam(0.1), personal_steps=1),
+                                  lambda: qffl(optax.sgd(CLIENT_LR), 1.0, 1 / CLIENT_LR)], ids=["ditto", "qffl"])
+def test_backends_agree(make):
+    pb = Problem(num_clients=5, rounds=3, clients_per_round=3)
+    runs = {}
+    for backend, lanes in [("scan", None), ("vmap", 2), ("debug", None)]:
+        t = fedtrain.FederatedTrainer(Linear(rngs=nnx.Rngs(4)), pb.data, make(), backend=backend, lanes=lanes, seed=2)
+        t.fit(rounds=3, clients_per_round=3, batch_size=4, verbose=0)
+        runs[backend] = t
+    for backend in ("vmap", "debug"):
+        for a, b in zip(jax.tree.leaves(runs["scan"].server_state), jax.tree.leaves(runs[backend].server_state)):
+            np.testing.assert_allclose(a, b, atol=1e-5, err_msg=backend)
+        if runs["scan"].client_states is not None:
+            for cid in pb.ids:
+                for a, b in zip(jax.tree.leaves(runs["scan"].client_states.get(cid)),
+                                jax.tree.leaves(runs[backend].client_states.get(cid))):
+                    np.testing.assert_allclose(a, b, atol=1e-5, err_msg=f"{backend} {cid}")
+
+
+@pytest.mark.parametrize("make", [lambda: ditto(optax.sgd(CLIENT_LR), 0.5), lambda: qffl(optax.sgd(CLIENT_LR), 2.0, 3.0)],
+                         ids=["ditto", "qffl"])
+def test_padded_empty_client_changes_nothing(make):
+    from tests.conftest import make_clients, run_engine_round
+
+    clients = make_clients(num_clients=5, max_size=14)
+    ids = list(clients)[:4]
+    empty = {"x": np.zeros((0, 8), np.float32), "y": np.zeros((0,), np.int32)}
+    base = run_engine_round(clients, ids, make(), empty=empty)[1]
+    for lanes in (1, 2):
+        padded = run_engine_round(clients, ids + ["empty"], make(), lanes=lanes, extra_capacity=5, empty=empty)[1]
+        for a, b in zip(jax.tree.leaves(base.server_state), jax.tree.leaves(padded.server_state)):
+            np.testing.assert_allclose(a, b, atol=1e-6)
