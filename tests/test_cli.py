@@ -267,3 +267,37 @@ def test_write_refused_by_the_filesystem_gives_one_line(tmp_path, capsys, monkey
     err = capsys.readouterr().err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert str(workdir) in err and "Permission denied" in err and "chmod u+w" in err and "[Errno" not in err
+
+
+def test_train_with_every_checkpoint_damaged_stops_unless_restart_if_unreadable(tmp_path):
+    """Every step of a workdir damaged (an edited metadata checksum, metadata that no longer parses, a
+    deleted metadata file): `fedtrain train` stops with one error naming the steps and
+    --restart-if-unreadable, renaming nothing; with the flag the steps are set aside as <step>.corrupt and
+    training runs from round 0 to the end."""
+    train = ["train", TINY, "--workdir", "run", "--config.rounds=3", "--config.checkpoint_every=1",
+             "--progress", "none"]
+    first = fedtrain(*train, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    ckpt = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["1", "2", "3"]
+    meta_path = ckpt / "3" / "metadata" / "metadata"
+    meta = json.loads(meta_path.read_text())
+    meta["checksum"] = "0" * 64
+    meta_path.write_text(json.dumps(meta))
+    broken = ckpt / "2" / "metadata" / "metadata"
+    broken.write_text(broken.read_text()[:-20])
+    (ckpt / "1" / "metadata" / "metadata").unlink()
+
+    refused = fedtrain(*train, cwd=tmp_path)
+    assert refused.returncode != 0
+    err = [line for line in refused.stderr.splitlines() if line.startswith("fedtrain: error:")]
+    assert len(err) == 1 and "Traceback" not in refused.stderr, refused.stderr
+    assert "every step is damaged (steps tried: 3, 2, 1)" in err[0] and "--restart-if-unreadable" in err[0]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["1", "2", "3"]  # nothing renamed
+
+    restarted = fedtrain(*train, "--restart-if-unreadable", cwd=tmp_path, env={"PYTHONWARNINGS": "default"})
+    assert restarted.returncode == 0, restarted.stderr
+    assert "training starts over from round 0" in restarted.stderr
+    assert sorted(p.name for p in ckpt.iterdir()) == ["1", "1.corrupt", "2", "2.corrupt", "3", "3.corrupt"]
+    assert rounds_in(tmp_path / "run") == [0, 1, 2]
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["rounds"] == 3

@@ -129,3 +129,109 @@ def test_ctrl_c_keeps_the_backup_and_a_second_fit_resumes_from_it(data, tmp_path
     t = make()
     t.fit(rounds=3, clients_per_round=3, batch_size=8, callbacks=[BackupAndRestore(backup)], verbose=0)
     assert t.round == 3 and t.history.rounds == [0, 1, 2] and not backup.exists()
+
+
+# ---------------------------------------------------------------------- a second Ctrl-C
+def _second_ctrl_c_child(ckpt, out, async_save):
+    """Runs tests.resume_script with a checkpoint whose round-4 save gets two SIGINTs: the first before the
+    save starts, the second while orbax writes it (before the step is committed). Exits 130 on
+    TrainingInterrupted, printing ``interrupted SIGNAME seconds`` (from the second signal to the raise)."""
+    from orbax.checkpoint._src.path import atomicity
+
+    from fedtrain.callbacks import OrbaxCheckpoint
+    from fedtrain.trainer import TrainingInterrupted
+    from tests import resume_script
+
+    sent = {}
+    finalize = atomicity.AtomicRenameTemporaryPath.finalize
+
+    async def slow_finalize(self, *args, **kwargs):
+        if self._final_path.name == "4" and "second" not in sent:
+            sent["second"] = time.perf_counter()
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1.0)  # the commit is still to come when the second signal is handled
+        return await finalize(self, *args, **kwargs)
+
+    atomicity.AtomicRenameTemporaryPath.finalize = slow_finalize
+
+    class TwoSignals(OrbaxCheckpoint):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "async_save": async_save})
+
+        def _save(self, round, logs):
+            if round + 1 == 4:
+                os.kill(os.getpid(), signal.SIGINT)  # the first: this round's save still runs
+            super()._save(round, logs)
+
+    resume_script.OrbaxCheckpoint = TwoSignals
+    try:
+        resume_script.main([str(ckpt), str(out)])
+    except TrainingInterrupted as e:
+        print(f"interrupted {signal.Signals(e.signum).name} {time.perf_counter() - sent['second']:.3f}", flush=True)
+        sys.exit(130)
+    sys.exit(0)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    from tests.test_resume import run
+
+    d = tmp_path_factory.mktemp("uninterrupted")
+    run(d / "ckpt", d / "out")
+    return d / "out"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("async_save", [True, False], ids=["async", "sync"])
+def test_a_second_ctrl_c_during_the_save_stops_at_once_and_the_previous_step_resumes(uninterrupted, tmp_path,
+                                                                                    async_save):
+    """The first SIGINT lets round 4's save run; the second, while orbax writes it, raises TrainingInterrupted
+    at once: that save is abandoned (never committed half-written), step 2 is intact, the lock is released,
+    and rerunning resumes to a bitwise identical result."""
+    from tests.test_resume import assert_same_run, run
+
+    ckpt, out = tmp_path / "ckpt", tmp_path / "out"
+    env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+    code = f"import tests.test_interrupts as t; t._second_ctrl_c_child({str(ckpt)!r}, {str(out)!r}, {async_save})"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 130, proc.stdout + proc.stderr[-3000:]
+    line = [x for x in proc.stdout.splitlines() if x.startswith("interrupted ")]
+    assert len(line) == 1 and line[0].split()[1] == "SIGINT", proc.stdout
+    assert float(line[0].split()[2]) < 0.9, line  # raised before the save it abandoned could have committed
+    assert not (ckpt / ".fedtrain.lock").exists()
+    assert 2 in steps(ckpt) and set(steps(ckpt)) <= {2, 4}
+    from fedtrain.checkpoint_format import restore_latest
+    from tests.resume_script import make_trainer
+
+    trainer = make_trainer()
+    assert int(restore_latest(trainer, ckpt)["round"]) == steps(ckpt)[-1]
+    run(ckpt, out)
+    assert_same_run(uninterrupted, out)
+
+
+def test_a_callback_error_releases_the_lock_and_the_next_fit_takes_no_lock_over(tmp_path):
+    """fit ended by another callback's exception (on_train_end does not run): the checkpoint's lock is
+    released at once, so a new trainer fits into the same directory without a stale-lock warning."""
+    import warnings
+
+    from fedtrain.callbacks import Callback, OrbaxCheckpoint
+    from fedtrain.callbacks.checkpoint import LOCK_FILE
+    from tests.resume_script import make_trainer
+
+    class Fails(Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 1:
+                raise RuntimeError("callback failed")
+
+    ckpt = tmp_path / "ckpt"
+    fit = dict(clients_per_round=4, batch_size=8, verbose=0)
+    with pytest.raises(RuntimeError, match="callback failed"):
+        make_trainer().fit(rounds=4, **fit, callbacks=[Fails(), OrbaxCheckpoint(ckpt)])
+    assert not (ckpt / LOCK_FILE).exists()
+    assert steps(ckpt) == [1]  # the background save of round 1 was finished, not abandoned
+    t = make_trainer()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*lock.*")
+        t.fit(rounds=3, **fit, callbacks=[OrbaxCheckpoint(ckpt)])
+    assert t.round == 3 and steps(ckpt) == [1, 2, 3] and not (ckpt / LOCK_FILE).exists()

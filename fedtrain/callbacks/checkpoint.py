@@ -309,6 +309,9 @@ class OrbaxCheckpoint(Callback):
             self._manager.save(completed, args=ocp.args.Composite(**items), force=True)
             if not self.async_save:
                 self._pending_round = None
+        except KeyboardInterrupt:  # a second Ctrl-C / SIGTERM during the save
+            self._abandon()
+            raise
         except Exception as e:
             self._pending_round = None
             err = self._write_error(completed, e)
@@ -349,6 +352,9 @@ class OrbaxCheckpoint(Callback):
         if self._manager is not None:
             try:
                 self._manager.wait_until_finished()
+            except KeyboardInterrupt:  # a second Ctrl-C / SIGTERM while the save finishes
+                self._abandon()
+                raise
             except Exception as e:
                 pending = self._pending_round
                 self._pending_round = None
@@ -366,6 +372,19 @@ class OrbaxCheckpoint(Callback):
             except Exception as e:  # the first error is the one raised
                 log.debug("closing the checkpoint manager after a failure: %s", one_line(str(e)))
         self._lock.release()
+
+    def _abandon(self) -> None:
+        """A second signal: drop orbax without waiting for the write in flight (an uncommitted step is a
+        temporary directory, never read and removed by the next run) and release the lock; finished steps
+        are left as they are."""
+        if self._pending_round is not None:
+            log.info("abandoned the save of round %d in %s", self._pending_round, self.directory)
+        self._manager, self._pending_round = None, None
+        self._lock.release()
+
+    def on_train_abort(self) -> None:
+        """``fit`` ended by an exception (on_train_end does not run): close orbax, release the lock."""
+        self._abort()
 
     def on_train_end(self, logs=None) -> None:
         try:
