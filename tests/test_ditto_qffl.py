@@ -95,12 +95,12 @@ def test_ditto_matches_numpy_with_partial_participation(regime, server):
 
 def test_ditto_personal_steps_and_optimizer():
     lam = 1.5
-    pb2 = Problem(num_clients=4, rounds=4, clients_per_round=3, local_epochs=2)
-    w0, b0 = pb2.train(ditto(optax.sgd(CLIENT_LR), lam, optax.sgd(0.8), personal_tx=optax.sgd(PERSONAL_LR),
+    pb = Problem(num_clients=4, rounds=4, clients_per_round=3, local_epochs=2)
+    w0, b0 = pb.train(ditto(optax.sgd(CLIENT_LR), lam, optax.sgd(0.8), personal_tx=optax.sgd(PERSONAL_LR),
                              personal_steps=2), seed=1)
-    w, b, personal = numpy_ditto(pb2, w0, b0, lam, "sgd", personal_steps=2, personal_lr=PERSONAL_LR)
-    check_ditto(pb2, w, b, personal)
-    logs = pb2.trainer.history.history
+    w, b, personal = numpy_ditto(pb, w0, b0, lam, "sgd", personal_steps=2, personal_lr=PERSONAL_LR)
+    check_ditto(pb, w, b, personal)
+    logs = pb.trainer.history.history
     assert np.all(np.isfinite(logs["personal_loss"]))
 
 
