@@ -11,8 +11,8 @@ from flax import nnx
 import fedtrain
 from fedtrain import aggregators as agg
 from fedtrain.algorithms import ClientOut
-from fedtrain.algorithms import (agnostic_fedavg, dp_fedavg, fedadam, fedavg, fedprox, hypcluster, mime, mime_lite,
-                                 scaffold)
+from fedtrain.algorithms import (agnostic_fedavg, apfl, ditto, dp_fedavg, fedadam, fedavg, fedprox, hypcluster, mime,
+                                 mime_lite, qffl, scaffold)
 from fedtrain.engine.plan import BatchSpec, client_rng, example_order
 from tests.conftest import Linear, make_clients, run_engine_round
 
@@ -31,6 +31,9 @@ ALGORITHMS = {
     "hypcluster": lambda: hypcluster(optax.sgd(0.1), 2, init_noise=0.1),
     "dp_fedavg": lambda: dp_fedavg(optax.sgd(0.1), noise_multiplier=0.3, clip_norm=0.5, expected_clients_per_round=4),
     "dp_fedavg_adaptive": lambda: dp_fedavg(optax.sgd(0.1), 0.3, 0.5, 4, adaptive_clipping=True, count_stddev=1.0),
+    "apfl": lambda: apfl(optax.sgd(0.1), alpha=0.3),
+    "ditto": lambda: ditto(optax.sgd(0.1), lam=0.5),
+    "qffl": lambda: qffl(optax.sgd(0.1), q=1.0, lipschitz=10.0),
     "fedavg_rotated_quantization": lambda: fedavg(optax.sgd(0.1), aggregator=agg.chain(agg.rotated_quantization(16),
                                                                                        agg.weighted_mean())),
 }
