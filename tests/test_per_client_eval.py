@@ -1,6 +1,8 @@
 """Per-client evaluation: totals against a float64 NumPy loop, personal models, logs, TensorBoard, plots."""
 
 import csv
+import subprocess
+import sys
 import warnings
 
 import jax
@@ -219,6 +221,10 @@ def test_plot_distribution_band_writes_a_png(data, tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main([str(tmp_path), "-o", str(tmp_path / "cli.png"), "--distribution"]) == 0
     assert (tmp_path / "cli.png").stat().st_size > 1000
+    proc = subprocess.run([sys.executable, "-m", "fedtrain", "plot", tmp_path.name, "-o", "band_cli.png",
+                           "--distribution"], cwd=tmp_path.parent, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path.parent / "band_cli.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     fig = plot_run(tmp_path, tmp_path / "curves.png")  # without the option: unchanged behaviour works
     assert fig.exists()
 

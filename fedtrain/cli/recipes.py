@@ -262,7 +262,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     if not os.access(probe, os.W_OK | os.X_OK):
         raise WorkdirError(f"{probe} is not writable, so `fedtrain plot` cannot write {out}; make it writable "
                            f"(chmod u+w {probe}) or pass -o FILE in a writable directory.")
-    print(plot_run(workdir, out))
+    print(plot_run(workdir, out, distribution=args.distribution))
     return 0
 
 
@@ -320,6 +320,9 @@ def add_recipe_commands(groups) -> None:
                           "recipe of the workdir's run record.")
     p.add_argument("workdir")
     p.add_argument("-o", "--output", help="PNG to write (default: WORKDIR/curves.png)")
+    p.add_argument("--distribution", action="store_true",
+                   help="draw the p10-p90 band and median over clients of each metric validated per client "
+                        "(fit(validation_per_client=True))")
     p.set_defaults(handler=cmd_plot)
 
     p = groups.add_parser("recipes", help="list the recipes in ./recipes",
