@@ -15,7 +15,6 @@ results of an uninterrupted run.
 from __future__ import annotations
 
 import errno
-import gc
 import hashlib
 import json
 import logging
@@ -280,26 +279,29 @@ def _check_files(step_dir: Path, meta: dict) -> None:
 
 
 # Tensorstore status codes that name damage to the files read (a missing, short or undecodable file).
-_DAMAGE_STATUS = ("DATA_LOSS", "OUT_OF_RANGE", "NOT_FOUND")
+# FAILED_PRECONDITION: e.g. "Truncated Zstd-compressed stream" when a chunk file lost its end
+_DAMAGE_STATUS = ("DATA_LOSS", "OUT_OF_RANGE", "NOT_FOUND", "FAILED_PRECONDITION")
 
 
-def _is_damage(err: BaseException, step_dir: Path) -> bool:
-    """True only when ``err`` proves that the files of ``step_dir`` are damaged; anything else (a
-    relative or wrong path, permissions, a missing package, a bug) is a usage error."""
+def _damage_evidence(err: BaseException, step_dir: Path, depth: int = 0) -> BaseException | None:
+    """The exception in ``err``'s chain that proves the files of ``step_dir`` are damaged, or None;
+    anything else (a relative or wrong path, permissions, a missing package, a bug) is a usage error."""
     if isinstance(err, CheckpointCorruptError):
-        return True
+        return err
     if isinstance(err, CheckpointError) or not step_dir.is_dir():
-        return False
+        return None
     if isinstance(err, (json.JSONDecodeError, UnicodeDecodeError)):
-        return True  # a JSON file orbax wrote in the step no longer parses
+        return err  # a JSON file orbax wrote in the step no longer parses
     text = str(err)
     inside = str(step_dir) + os.sep
     names_step = inside in text
     if isinstance(err, FileNotFoundError):  # a file the step must hold is gone
-        return names_step or (err.filename is not None and str(absolute(err.filename)).startswith(inside))
-    if type(err) is ValueError:
-        return text.startswith(_DAMAGE_STATUS) and names_step
-    return False
+        named = names_step or (err.filename is not None and str(absolute(err.filename)).startswith(inside))
+        return err if named else None
+    if type(err) in (ValueError, Exception) and text.startswith(_DAMAGE_STATUS) and names_step:
+        return err  # tensorstore's status, as raised or wrapped by orbax
+    cause = err.__cause__ or err.__context__  # orbax may re-raise the status inside an exception of its own
+    return _damage_evidence(cause, step_dir, depth + 1) if cause is not None and depth < 8 else None
 
 
 def one_line(text: str, limit: int = 200) -> str:
@@ -318,9 +320,10 @@ def _read_failure(step_dir: Path, err: BaseException) -> CheckpointError:
     """What a failed read of ``step_dir`` means: damage (the caller may fall back) or a usage error."""
     if isinstance(err, CheckpointMismatchError):
         return err
-    if _is_damage(err, step_dir):
-        return err if isinstance(err, CheckpointCorruptError) else CheckpointCorruptError(
-            f"{step_dir} is damaged: {_short(err)}", _short(err))
+    evidence = _damage_evidence(err, step_dir)
+    if evidence is not None:
+        return evidence if isinstance(evidence, CheckpointCorruptError) else CheckpointCorruptError(
+            f"{step_dir} is damaged: {_short(evidence)}", _short(evidence))
     if isinstance(err, CheckpointReadError):
         return err
     return CheckpointReadError(
@@ -470,10 +473,9 @@ def _transient(err: BaseException) -> bool:
 def _drop_pending_reads(err: BaseException) -> None:
     """Frees the read coroutines a failed orbax restore leaves in ``err``'s frames, so their
     "coroutine ... was never awaited" RuntimeWarning is not printed at some later, unrelated point."""
-    traceback.clear_frames(err.__traceback__)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
-        gc.collect()
+        traceback.clear_frames(err.__traceback__)
 
 
 def _load(trainer, directory: Path, step: int) -> dict:

@@ -222,6 +222,7 @@ class FederatedTrainer:
             rounds=rounds, initial_round=initial_round, clients_per_round=clients_per_round, batch_size=spec.batch_size,
             local_epochs=spec.local_epochs, local_steps=spec.local_steps, num_clients=population.size,
             backend=self.backend, algorithm=self.algorithm.name))
+        self._check_dp_denominator(callback_list, population.size, clients_per_round)
         val_rounds = _validation_rounds(validation_freq)
         feeder = RoundFeeder(self.engine, self.sampler, self.seed)
         callback_list.on_train_begin({})
@@ -349,6 +350,24 @@ class FederatedTrainer:
         if callback_list.wants("on_client_results"):
             callback_list.on_client_results(r, result.client_ids, result.client_logs())
         return dict(result.logs)
+
+    def _check_dp_denominator(self, callback_list: CallbackList, num_clients: int, clients_per_round: int) -> None:
+        """Warns when DP-FedAvg's fixed denominator is not the expected cohort and no DPAccountant (which
+        refuses it) is attached: every server update would be scaled by cohort / denominator."""
+        expected = self.algorithm.hyperparams.get("expected_clients_per_round")
+        rate = getattr(self.sampler, "sampling_probability", None)
+        if expected is None or rate is None:
+            return
+        from fedtrain.privacy import DPAccountant, check_expected_clients
+
+        if any(isinstance(cb, DPAccountant) for cb in callback_list.callbacks):
+            return
+        try:
+            check_expected_clients(expected, float(rate(num_clients, clients_per_round)), num_clients,
+                                   clients_per_round)
+        except ValueError as e:
+            warnings.warn(f"{self.algorithm.name}: {str(e).removeprefix('DPAccountant: ')}", RuntimeWarning,
+                          stacklevel=3)
 
     def _probe_client_hyperparams(self, data: FederatedData) -> None:
         """Finds the injected hyperparameters of the client optimizer (kept when already found)."""

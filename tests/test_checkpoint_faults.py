@@ -313,3 +313,28 @@ def test_the_damage_warning_is_one_short_line(ckpt):
     assert message.startswith(f"checkpoint {ckpt / '3'} is unreadable (damaged: ")
     assert "\n" not in message and "tensorstore_spec" not in message
     assert len(message) <= len(str(ckpt / "3")) + 300
+
+
+def test_a_wrapped_tensorstore_status_naming_the_step_is_damage(tmp_path):
+    from fedtrain.checkpoint_format import CheckpointCorruptError, CheckpointReadError, _read_failure
+
+    step = tmp_path / "3"
+    (step / "server_state").mkdir(parents=True)
+    status = ValueError(f'FAILED_PRECONDITION: Error reading "d/1f2e" in OCDBT database at local file '
+                        f'"{step}/server_state/": Truncated Zstd-compressed stream')
+    try:
+        try:
+            raise status
+        except ValueError as inner:
+            raise Exception("restore failed") from inner  # how orbax re-raises a failed read
+    except Exception as wrapped:
+        failure = _read_failure(step, wrapped)
+    assert isinstance(failure, CheckpointCorruptError) and "Truncated Zstd" in failure.detail
+    elsewhere = ValueError(f'FAILED_PRECONDITION: Error reading "{tmp_path / "other" / "x"}"')
+    try:
+        try:
+            raise elsewhere
+        except ValueError as inner:
+            raise Exception("restore failed") from inner
+    except Exception as wrapped:  # a status about another path is not damage of this step
+        assert isinstance(_read_failure(step, wrapped), CheckpointReadError)

@@ -123,6 +123,16 @@ def test_dp_accountant_rejects_a_mean_denominator_that_is_not_the_cohort():
     assert len(history.history["dp_epsilon"]) == 1
 
 
+def test_dp_fedavg_without_accountant_warns_about_a_denominator_that_is_not_the_cohort():
+    trainer = make_trainer(dp_fedavg(optax.sgd(0.1), 1.0, 1.0, expected_clients_per_round=10))
+    with pytest.warns(RuntimeWarning, match=r"dp_fedavg: .*expected_clients_per_round=10.*clients_per_round=4.*"
+                                            r"scaled by 0\.4"):
+        trainer.fit(rounds=1, clients_per_round=4, batch_size=8, verbose=0)
+    assert trainer.round == 1  # a warning: without an accountant the run is not a privacy claim
+    trainer = make_trainer(dp_fedavg(optax.sgd(0.1), 1.0, 1.0, expected_clients_per_round=4))
+    trainer.fit(rounds=1, clients_per_round=4, batch_size=8, verbose=0)  # the cohort: silent (warnings are errors)
+
+
 def test_dp_accountant_accepts_the_expected_cohort_of_poisson_sampling_rounded():
     # q * N = 0.25 * 10 = 2.5 clients on average; a denominator of 2.5 or its rounding is the intended mean
     for expected in (2.5, 3):
