@@ -90,3 +90,18 @@ def run_engine_round(clients, cohort, algorithm, *, lanes=1, extra_capacity=0, e
     round_input = build_round(data, cohort, population, sizes, spec, layout, specs, seed=0, round_index=0)
     round_input = round_input._replace(arrays=jax.device_put(round_input.arrays))
     return state, engine.run(state, agg_state, {}, store, round_input)
+
+
+def straight_and_resumed(make_trainer, directory, *, rounds=5, stop=3, **fit):
+    """``(straight, first, resumed)``: ``make_trainer()`` fitted ``rounds`` rounds in one go; fitted ``stop``
+    rounds with an ``OrbaxCheckpoint`` in ``directory``; and a fresh one resumed from it to ``rounds``."""
+    from fedtrain.callbacks import OrbaxCheckpoint
+
+    straight = make_trainer()
+    straight.fit(rounds=rounds, **fit)
+    first = make_trainer()
+    first.fit(rounds=stop, **fit, callbacks=[OrbaxCheckpoint(directory)])
+    resumed = make_trainer()
+    resumed.fit(rounds=rounds, **fit, callbacks=[OrbaxCheckpoint(directory, max_to_keep=None)])
+    assert resumed.history.rounds == list(range(rounds))
+    return straight, first, resumed

@@ -10,26 +10,16 @@ from flax import nnx
 import fedtrain
 from fedtrain.algorithms.apfl import APFLClientState, APFLState, apfl
 from fedtrain.algorithms import fedopt
-from tests.conftest import Linear
-from tests.test_algorithms import CLIENT_LR, REGIMES, Problem, numpy_adam, pure, softmax_grad, softmax_losses
-
-
-def numpy_sgd(beta=0.0):
-    def init(x):
-        return np.zeros_like(x)
-
-    def update(g, trace, lr):
-        trace = g + beta * trace
-        return -lr * trace, trace
-
-    return init, update
+from tests.conftest import Linear, straight_and_resumed
+from tests.test_algorithms import (CLIENT_LR, REGIMES, Problem, numpy_adam, numpy_momentum, pure, softmax_grad,
+                                   softmax_losses)
 
 
 def replay(pb, w, b, *, alpha=0.25, client_beta=0.0, server="sgd", server_lr=0.9, alpha_lr=None, adaptive=True):
     """FedJAX's APFL on the trainer's cohorts and batches, in float64. Returns (w, b, states, clipped)."""
-    c_init, c_update = numpy_sgd(client_beta)
-    s_init, s_update = numpy_adam() if server == "adam" else numpy_sgd()
-    a_init, a_update = (numpy_sgd() if alpha_lr is not None else (c_init, c_update))
+    c_init, c_update = numpy_momentum(client_beta)
+    s_init, s_update = numpy_adam() if server == "adam" else numpy_momentum(0.0)
+    a_init, a_update = (numpy_momentum(0.0) if alpha_lr is not None else (c_init, c_update))
     a_rate = CLIENT_LR if alpha_lr is None else alpha_lr
     s_opt = (s_init(w), s_init(b))
     states, clipped = {}, [False]
@@ -144,8 +134,6 @@ def tree_equal(a, b):
 
 
 def test_checkpoint_resume_is_bit_exact_with_client_states(tmp_path):
-    from fedtrain.callbacks import OrbaxCheckpoint
-
     pb = Problem(num_clients=5, seed=2)
     fit = dict(clients_per_round=2, batch_size=4, verbose=0)
 
@@ -153,13 +141,7 @@ def test_checkpoint_resume_is_bit_exact_with_client_states(tmp_path):
         return fedtrain.FederatedTrainer(Linear(rngs=nnx.Rngs(4)), pb.data,
                                          apfl(optax.sgd(CLIENT_LR, momentum=0.5), optax.adam(0.05)), seed=3)
 
-    straight = trainer()
-    straight.fit(rounds=5, **fit)
-    first = trainer()
-    first.fit(rounds=3, **fit, callbacks=[OrbaxCheckpoint(tmp_path)])
-    resumed = trainer()
-    resumed.fit(rounds=5, **fit, callbacks=[OrbaxCheckpoint(tmp_path, max_to_keep=None)])
-    assert resumed.history.rounds == [0, 1, 2, 3, 4]
+    straight, first, resumed = straight_and_resumed(trainer, tmp_path, **fit)
     assert tree_equal(resumed.server_state, straight.server_state)
     assert resumed.client_states.state_dict().keys() == straight.client_states.state_dict().keys()
     assert tree_equal(resumed.client_states.state_dict(), straight.client_states.state_dict())

@@ -12,6 +12,7 @@ import fedtrain
 from fedtrain import aggregators as agg
 from fedtrain.aggregators.base import Stage
 from fedtrain.algorithms.partial import fedbn, fedper, fedrep, is_norm_path, param_paths, partition
+from tests.conftest import straight_and_resumed
 from tests.test_algorithms import Problem, pure
 
 LR = 0.3
@@ -263,8 +264,6 @@ def test_fedbn_keeps_normalization_parameters_on_the_clients(norm):
 
 
 def test_checkpoint_resume_is_bit_exact_with_client_states(tmp_path):
-    from fedtrain.callbacks import OrbaxCheckpoint
-
     pb = Problem(num_clients=5, seed=2)
     fit = dict(clients_per_round=2, batch_size=4, verbose=0)
 
@@ -272,13 +271,7 @@ def test_checkpoint_resume_is_bit_exact_with_client_states(tmp_path):
         return fedtrain.FederatedTrainer(TwoLayer(rngs=nnx.Rngs(4)), pb.data,
                                          fedrep(optax.sgd(LR), is_head, 2, optax.adam(0.05)), seed=3)
 
-    straight = trainer()
-    straight.fit(rounds=5, **fit)
-    first = trainer()
-    first.fit(rounds=3, **fit, callbacks=[OrbaxCheckpoint(tmp_path)])
-    resumed = trainer()
-    resumed.fit(rounds=5, **fit, callbacks=[OrbaxCheckpoint(tmp_path, max_to_keep=None)])
-    assert resumed.history.rounds == [0, 1, 2, 3, 4]
+    straight, first, resumed = straight_and_resumed(trainer, tmp_path, **fit)
     leaves = jax.tree.leaves
     assert all(np.array_equal(a, b) for a, b in zip(leaves(resumed.server_state), leaves(straight.server_state)))
     rows, expected = resumed.client_states.state_dict(), straight.client_states.state_dict()
