@@ -134,6 +134,12 @@ def summarize_clients(totals: dict[str, dict[str, tuple[float, float]]]) -> dict
     return logs
 
 
+def model_shares(choice: dict[str, int], num_models: int) -> dict[str, float]:
+    """``model_share_j``: the fraction of clients in ``choice`` (``{cid: j}``) that use model ``j``."""
+    return {f"model_share_{j}": sum(m == j for m in choice.values()) / max(len(choice), 1)
+            for j in range(num_models)}
+
+
 class Evaluator:
     """Sums loss and metrics over a dataset with one jitted step of fixed batch size."""
 
@@ -315,10 +321,7 @@ class Evaluator:
             part = self._totals(jax.tree.map(lambda x: x[j], stacked), data, ids, bs, progress)
             if part is not None:
                 totals = part if totals is None else jax.tree.map(np.add, totals, part)
-        logs = self._means(totals)
-        for j in range(k):
-            logs[f"model_share_{j}"] = sum(m == j for m in choice.values()) / max(len(choice), 1)
-        return logs
+        return {**self._means(totals), **model_shares(choice, k)}
 
     def predict(self, params, x: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
         x = np.asarray(x)

@@ -30,7 +30,7 @@ from fedtrain.engine import BatchSpec, Engine, Population, RoundInput
 from fedtrain.engine import hyperparams as _hp
 from fedtrain.engine.feeder import RoundFeeder, population_of
 from fedtrain.engine.plan import FeatureSpec, feature_specs
-from fedtrain.evaluation import DEFAULT_BATCH_SIZE, Evaluator, summarize_clients
+from fedtrain.evaluation import DEFAULT_BATCH_SIZE, Evaluator, model_shares, summarize_clients
 from fedtrain.models.adapter import MASK_KEY, Model, from_nnx, loss_and_metrics
 from fedtrain.samplers import UniformSampler, max_cohort
 
@@ -570,8 +570,7 @@ class FederatedTrainer:
             totals, choice = ev.best_of_client_totals(
                 stacked, data, select_with=self.train_data if select_with is None else select_with,
                 batch_size=batch_size, progress=progress)
-            for j in range(jax.tree.leaves(stacked)[0].shape[0]):
-                extra[f"model_share_{j}"] = sum(m == j for m in choice.values()) / max(len(choice), 1)
+            extra.update(model_shares(choice, jax.tree.leaves(stacked)[0].shape[0]))
         elif alg.personal_params is not None:
             store = self.client_states
             stateful = [c for c in ids if c in store]
