@@ -263,9 +263,10 @@ class FederatedTrainer:
             self.update_module()
         if interrupted is not None:
             try:  # the handlers stay: a second signal while the save finishes raises TrainingInterrupted
+                stop_signals.release()  # one that came while fit unwound to here raises now
                 _finish_interrupted(callback_list, logs, interrupted)  # the in-flight save ends on disk
             except KeyboardInterrupt:  # a second signal: the in-flight save is abandoned, not waited for
-                _abort_callbacks(callback_list)
+                _abort_callbacks(callback_list, wait=False)
             finally:
                 stop_signals.restore()
             raise interrupted from None
@@ -652,6 +653,8 @@ class _StopSignals:
     def __init__(self) -> None:
         self.previous: dict[int, Any] = {}
         self.pending: int | None = None
+        self.second: int | None = None
+        self.holding = False
         if threading.current_thread() is not threading.main_thread():
             return
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -666,11 +669,25 @@ class _StopSignals:
         if self.pending is None:
             self.pending = signum
             return
+        if self.holding:  # fit is between the raise and the wait for the save: raised there, not here
+            self.second = signum
+            return
+        self._raise(signum)
+
+    def _raise(self, signum: int) -> None:
+        self.holding = True  # until release(): a signal while fit unwinds to the save is kept, not raised
         raise TrainingInterrupted(signum)
 
     def check(self) -> None:
         if self.pending is not None:
-            raise TrainingInterrupted(self.pending)
+            self._raise(self.pending)
+
+    def release(self) -> None:
+        """Before waiting for the in-flight save: raises at once for a signal that came while fit unwound."""
+        self.holding = False
+        if self.second is not None:
+            signum, self.second = self.second, None
+            raise TrainingInterrupted(signum)
 
     def restore(self) -> None:
         for signum, handler in self.previous.items():
@@ -691,15 +708,16 @@ def _finish_interrupted(callback_list: CallbackList, logs: dict, interrupted: Tr
             cb.delete_checkpoint = True
 
 
-def _abort_callbacks(callback_list: CallbackList) -> None:
-    """``fit`` ends by an exception: each callback with an ``on_train_abort()`` hook (a checkpoint's lock and
-    writer) is called; an error there is a warning, so the original exception is the one raised."""
+def _abort_callbacks(callback_list: CallbackList, wait: bool = True) -> None:
+    """``fit`` ends by an exception: each callback with an ``on_train_abort(wait)`` hook (a checkpoint's lock and
+    writer) is called; ``wait=False`` after a second signal (work in flight is dropped, not waited for). An error
+    there is a warning, so the original exception is the one raised."""
     for cb in callback_list.callbacks:
         abort = getattr(cb, "on_train_abort", None)
         if abort is None:
             continue
         try:
-            abort()
+            abort(wait=wait)
         except Exception as e:  # noqa: BLE001 - the exception that ended fit is the one to report
             warnings.warn(f"{type(cb).__name__}.on_train_abort failed: {type(e).__name__}: {e}", RuntimeWarning,
                           stacklevel=3)

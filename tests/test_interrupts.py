@@ -235,3 +235,46 @@ def test_a_callback_error_releases_the_lock_and_the_next_fit_takes_no_lock_over(
         warnings.filterwarnings("error", message=".*lock.*")
         t.fit(rounds=3, **fit, callbacks=[OrbaxCheckpoint(ckpt)])
     assert t.round == 3 and steps(ckpt) == [1, 2, 3] and not (ckpt / LOCK_FILE).exists()
+
+
+@pytest.mark.parametrize("where", ["feeder_close", "update_module"])
+def test_a_second_signal_while_fit_unwinds_to_the_save_abandons_it_and_releases_the_lock(tmp_path, monkeypatch,
+                                                                                         where):
+    """The second SIGINT lands after the round's check raised but before fit waits for the in-flight save
+    (while the input feeder is closed or the module updated): it is kept, raised as TrainingInterrupted
+    where the wait would start, and the checkpoint's lock is released; finished steps are left intact."""
+    from fedtrain import trainer as trainer_mod
+    from fedtrain.callbacks import Callback, OrbaxCheckpoint
+    from fedtrain.callbacks.checkpoint import LOCK_FILE
+    from tests.resume_script import make_trainer
+
+    sent = []
+
+    class FirstSignal(Callback):
+        def on_round_end(self, round, logs=None):
+            if round == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    def second_signal_then(original):
+        def wrapped(*args, **kwargs):
+            if not sent and where_reached():
+                sent.append(1)
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)  # delivered here, inside the unwinding
+            return original(*args, **kwargs)
+        return wrapped
+
+    t = make_trainer()
+    where_reached = lambda: t.round == 3  # noqa: E731 - only after the first signal's round
+    if where == "feeder_close":
+        monkeypatch.setattr(trainer_mod.RoundFeeder, "close", second_signal_then(trainer_mod.RoundFeeder.close))
+    else:
+        monkeypatch.setattr(t, "update_module", second_signal_then(t.update_module))
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(trainer_mod.TrainingInterrupted):
+        t.fit(rounds=6, clients_per_round=4, batch_size=8, verbose=0,
+              callbacks=[FirstSignal(), OrbaxCheckpoint(ckpt)])
+    assert sent == [1] and t.round == 3
+    assert not (ckpt / LOCK_FILE).exists()
+    assert set(steps(ckpt)) <= {1, 2, 3} and steps(ckpt)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

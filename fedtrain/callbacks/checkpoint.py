@@ -366,12 +366,13 @@ class OrbaxCheckpoint(Callback):
     def _abort(self) -> None:
         """After a failure: close orbax quietly (one error is reported, not its follow-ons), drop the lock."""
         manager, self._manager = self._manager, None
-        if manager is not None:
-            try:
+        try:
+            if manager is not None:
                 manager.close()
-            except Exception as e:  # the first error is the one raised
-                log.debug("closing the checkpoint manager after a failure: %s", one_line(str(e)))
-        self._lock.release()
+        except Exception as e:  # the first error is the one raised
+            log.debug("closing the checkpoint manager after a failure: %s", one_line(str(e)))
+        finally:  # also when a further signal interrupts the close
+            self._lock.release()
 
     def _abandon(self) -> None:
         """A second signal: drop orbax without waiting for the write in flight (an uncommitted step is a
@@ -382,9 +383,13 @@ class OrbaxCheckpoint(Callback):
         self._manager, self._pending_round = None, None
         self._lock.release()
 
-    def on_train_abort(self) -> None:
-        """``fit`` ended by an exception (on_train_end does not run): close orbax, release the lock."""
-        self._abort()
+    def on_train_abort(self, wait: bool = True) -> None:
+        """``fit`` ended by an exception (on_train_end does not run): close orbax (after a second signal,
+        ``wait=False``: the save in flight is abandoned), release the lock."""
+        if wait:
+            self._abort()
+        else:
+            self._abandon()
 
     def on_train_end(self, logs=None) -> None:
         try:
