@@ -614,6 +614,25 @@ class FederatedTrainer:
             self.client_metrics[cid] = row
         return logs
 
+    def fine_tune_evaluate(self, test_data, train_data=None, *, client_optimizer: optax.GradientTransformation,
+                           batch_size: int, local_epochs: int | None = 1, local_steps: int | None = None,
+                           eval_batch_size: int | None = None, seed: int | None = None, client_ids=None,
+                           missing: str = "error", lanes: int = 8):
+        """Each client of ``test_data`` fine-tunes the current global model (``trainer.params``) on its
+        examples in ``train_data`` (default: the training data) and is evaluated on its test examples
+        before and after: :func:`fedtrain.personalization.fine_tune_evaluate` (``seed`` defaults to the
+        trainer's). Returns its :class:`~fedtrain.personalization.FineTuneResult`; the model is unchanged."""
+        from fedtrain.personalization import fine_tune_evaluate
+
+        train = as_federated_data(train_data, "train_data") if train_data is not None else self.train_data
+        if train is None:
+            raise ValueError("no training data to fine-tune on: pass train_data=..., or build the trainer with it.")
+        return fine_tune_evaluate(self.model_fns, self.params, train, as_federated_data(test_data, "test_data"),
+                                  client_optimizer=client_optimizer, batch_size=batch_size,
+                                  local_epochs=local_epochs, local_steps=local_steps,
+                                  eval_batch_size=eval_batch_size, seed=self.seed if seed is None else seed,
+                                  client_ids=client_ids, missing=missing, lanes=lanes)
+
     def predict(self, x, *, batch_size: int = 256):
         """Model outputs (logits) in eval mode. ``x`` is an array with a leading batch axis (gives an
         array) or federated data (a ``FederatedData``, dict of clients or store path; gives
