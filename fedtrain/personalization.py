@@ -38,7 +38,8 @@ class FineTuneResult(NamedTuple):
     the mean over clients of after minus before, and ``m_improved``, the fraction of clients whose value
     got better, lower for losses and errors), the fine-tuning steps of each client (``steps``), the
     clients left out (``skipped``: no training examples, with ``missing="skip"``) and the number of
-    block shapes compiled (``compiles``)."""
+    block shapes this call compiled (``compiles``; a repeated call with the same model and optimizer
+    compiles none)."""
 
     before: Totals
     after: Totals
@@ -70,6 +71,21 @@ def fine_tune_order(num_examples: int, spec: BatchSpec, seed: int, index: int) -
 
 def _pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
+
+
+_BLOCK_FNS: dict[tuple, tuple] = {}  # (id(model), id(optimizer), names) -> (model, optimizer, jitted program)
+
+
+def _cached_block_fn(model: Model, tx: optax.GradientTransformation, names: tuple[str, ...]):
+    """One jitted block program per model and optimizer object: a repeated call compiles nothing. The
+    entry holds both objects, so their ids cannot be reused while it exists; the 8 newest are kept."""
+    key = (id(model), id(tx), names)
+    entry = _BLOCK_FNS.get(key)
+    if entry is None or entry[0] is not model or entry[1] is not tx:
+        while len(_BLOCK_FNS) >= 8:
+            _BLOCK_FNS.pop(next(iter(_BLOCK_FNS)))
+        entry = _BLOCK_FNS[key] = (model, tx, _block_fn(model, tx, names))
+    return entry[2]
 
 
 def _block_fn(model: Model, tx: optax.GradientTransformation, names: tuple[str, ...]):
@@ -155,7 +171,8 @@ def fine_tune_evaluate(model: Model, params: Any, train_data: FederatedData, tes
     train_specs = feature_specs(train_data.get_client(ids[0]))
     test_specs = feature_specs(test_data.get_client(ids[0]))
     names = (model.loss.name, *(m.name for m in model.metrics))
-    fn = _block_fn(model, client_optimizer, names)
+    fn = _cached_block_fn(model, client_optimizer, names)
+    compiled_before = fn._cache_size()
     root = jax.random.key(int(seed))
     before = np.zeros((len(ids), len(names), 2), np.float64)
     after = np.zeros_like(before)
@@ -217,5 +234,5 @@ def fine_tune_evaluate(model: Model, params: Any, train_data: FederatedData, tes
         better = a > b if higher_is_better(n) else a < b
         improvement.update({f"{n}_client_mean": float(np.mean(a - b)), f"{n}_improved": float(np.mean(better))})
     return FineTuneResult(before_t, after_t, summarize_clients(before_t), summarize_clients(after_t), improvement,
-                          steps, lacking, int(fn._cache_size()))
+                          steps, lacking, int(fn._cache_size() - compiled_before))
 

@@ -13,6 +13,8 @@ from fedtrain.engine.plan import BatchSpec
 from fedtrain.personalization import fine_tune_evaluate, fine_tune_order
 from tests.conftest import Linear, make_clients
 
+ROOT = __file__.rsplit('/tests/', 1)[0]
+
 
 def linear_model(features=8, seed=0):
     return fedtrain.models.adapter.from_nnx(Linear(features=features, rngs=nnx.Rngs(seed)))
@@ -150,6 +152,24 @@ def test_compiles_grow_with_the_largest_client_not_the_population():
     # steps 1..15 -> capacities 1,2,4,8,16; eval batches 1..8 -> 1,2,4,8: blocks pair them monotonically
     assert r2.compiles <= 8 and r1.compiles <= r2.compiles
     assert len(r2.after) == 64
+    again = fine_tune_evaluate(model, model.init_params, fedtrain.InMemoryFederatedData(large),
+                               fedtrain.InMemoryFederatedData(large), **kw)
+    assert again.compiles == 0 and again.after == r2.after  # same model and optimizer: nothing recompiles
+
+
+def test_benchmark_writes_json_and_a_table(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "ft.json"
+    proc = subprocess.run([sys.executable, "benchmarks/fine_tune_eval.py", "--clients", "12", "--mean-size", "10",
+                           "--repeats", "1", "--output", str(out)], capture_output=True, text=True, timeout=600,
+                          cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["fine_tuned_clients"] == 12 and result["ratio_to_round"] > 0
+    assert "fine_tune" in proc.stdout and "vs round" in proc.stdout
 
 
 def test_bad_input_names_the_problem_and_the_fix():
